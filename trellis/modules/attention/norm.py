@@ -1,0 +1,47 @@
+"""Multi-head RMS normalisation of queries and keys (``q_rms_norm`` / ``k_rms_norm``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MultiHeadRMSNorm"]
+
+
+class MultiHeadRMSNorm(nn.Module):
+    """Per-head RMS norm: ``F.normalize(x, dim=-1) * gamma * sqrt(dim)``, computed in float32.
+
+    ``F.normalize`` divides by ``max(||x||_2, 1e-12)``; multiplying by ``sqrt(dim)`` turns the L2
+    normalisation into an RMS normalisation. The result is cast back to the input dtype.
+
+    Args:
+        dim: head dimension d (last dim of the input).
+        heads: number of heads H.
+
+    Keys: ``gamma`` ``[H, d]`` (float32; initialised to ones).
+
+    Input ``[..., H, d]`` -> output of the same shape and dtype.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim <= 0 or heads <= 0:
+            raise ValueError(f"MultiHeadRMSNorm: dim and heads must be positive, got dim={dim}, heads={heads}")
+        self.dim = dim
+        self.heads = heads
+        self.scale = math.sqrt(dim)
+        self.gamma = nn.Parameter(torch.ones(heads, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or tuple(x.shape[-2:]) != (self.heads, self.dim):
+            raise ValueError(
+                f"MultiHeadRMSNorm: expected input [..., {self.heads}, {self.dim}], got {tuple(x.shape)}"
+            )
+        y = F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}"
