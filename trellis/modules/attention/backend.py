@@ -1,8 +1,9 @@
 """Choice of attention backend, read from the environment at every call (never at import).
 
-Environment variables (kept from the original TRELLIS):
-- ``ATTN_BACKEND``: dense attention and, unless overridden, sparse attention.
-- ``SPARSE_ATTN_BACKEND``: sparse (variable-length / windowed) attention; wins over ``ATTN_BACKEND``.
+Environment variables (kept from the original TRELLIS; resolved by ``trellis.backends.get_backend``, so
+``trellis.backends.use_backend("sparse_attn", ...)`` works too, the env var winning):
+- ``ATTN_BACKEND``: dense attention (``[B, L, H, d]``).
+- ``SPARSE_ATTN_BACKEND``: variable-length attention (sparse full / windowed / serialized / cross).
 
 Values:
 - ``torch`` (aliases ``sdpa``, ``naive``): pure PyTorch on ``F.scaled_dot_product_attention``; runs on
@@ -10,39 +11,44 @@ Values:
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch >= 2.9).
 - ``flash_attn``: the ``flash-attn`` package (CUDA, fp16/bf16).
 - ``xformers``: the ``xformers`` package (CUDA).
+  Dense attention knows ``torch``, ``flash_attn`` and ``xformers``; the varlen-only names fall back to SDPA.
 - ``triton``: this framework's Triton flash-attention kernel for gathered variable-length sequences
   (``trellis.modules.attention.triton_varlen``; CUDA, needs ``triton``).
 - ``auto`` or unset: the fastest one available for the call (CPU: ``torch``).
 
-A backend that is requested explicitly but cannot run the call raises ``RuntimeError`` saying why.
+A backend that is requested explicitly but cannot run the call raises ``trellis.backends.BackendError``
+(a ``RuntimeError``) saying why.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
+
+from trellis.backends import BackendError, add_backend_choices, get_backend
 
 __all__ = ["BACKENDS", "requested_backend", "select_backend", "backend_unavailable_reason"]
 
 BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton")
-_ALIASES = {"sdpa": "torch", "naive": "torch", "flash-attn": "flash_attn", "flash_attn_2": "flash_attn"}
+_ALIASES = {"sdpa": "torch", "naive": "torch"}
+# Registers this module's names with the framework-wide backend table (no CUDA query here).
+add_backend_choices("attn", "torch", "auto")
+add_backend_choices("sparse_attn", "torch", "torch_varlen", "triton")
 
 
 def requested_backend(sparse: bool) -> str:
-    """The backend named by the environment (``'auto'`` when unset). Raises on an unknown name."""
-    name = ""
-    var = ""
-    for var in (("SPARSE_ATTN_BACKEND", "ATTN_BACKEND") if sparse else ("ATTN_BACKEND",)):
-        name = os.environ.get(var, "").strip().lower()
-        if name:
-            break
-    if not name or name == "auto":
-        return "auto"
+    """The backend asked for (``'auto'`` when nothing is set); see ``trellis.backends.get_backend``.
+
+    ``sparse`` selects the ``sparse_attn`` kind (``SPARSE_ATTN_BACKEND``), else ``attn``
+    (``ATTN_BACKEND``). ``sdpa`` and ``naive`` both mean the pure-PyTorch ``torch`` path.
+    """
+    name = get_backend("sparse_attn" if sparse else "attn")
     name = _ALIASES.get(name, name)
+    if name == "auto":
+        return name
     if name not in BACKENDS:
-        raise ValueError(f"{var}={os.environ[var]!r}: unknown attention backend; known: auto, {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown attention backend {name!r}; known: auto, {', '.join(BACKENDS)}")
     return name
 
 
@@ -104,7 +110,7 @@ def select_backend(
     if name != "auto":
         reason = backend_unavailable_reason(name, device, dtype, varlen)
         if reason is not None:
-            raise RuntimeError(reason)
+            raise BackendError(reason)
         return name
     if device.type != "cuda" or not varlen:
         return "torch"  # dense: SDPA picks flash / cuDNN / efficient kernels itself
