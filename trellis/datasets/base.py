@@ -18,8 +18,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
-from torch.utils.data import default_collate
+from torch.utils.data import Dataset, default_collate
 
 
 class DatasetError(RuntimeError):

@@ -1,0 +1,203 @@
+"""Process launch for ``train.py``: one process, one per local GPU (spawned), or ``torchrun``;
+the ``--auto_retry`` supervisor; the run directory's ``command.txt``, ``config.json`` and model
+summaries.
+
+Every worker ends with an exit code: 0 on success, 2 for a user error (config, data, checkpoint:
+one readable line, no traceback unless ``TRELLIS_DEBUG=1``), 1 for anything else. A failed rank
+makes the whole job exit non-zero; ``torchrun`` and ``torch.multiprocessing.spawn`` stop the other
+ranks, and collective timeouts (``TRELLIS_DIST_TIMEOUT``) bound any wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import traceback
+
+import torch
+
+from trellis.config import (
+    ConfigError,
+    apply_overrides,
+    build_dataset,
+    build_models,
+    load_config,
+    validate_config,
+)
+from trellis.datasets.base import DatasetError
+from trellis.registry import TRAINERS, RegistryError
+from trellis.trainers.checkpoint import CheckpointError, resolve_ckpt
+from trellis.utils import dist as tdist
+from trellis.utils.dist import DistInfo
+from trellis.utils.io import atomic_write_json, atomic_write_text
+
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, RegistryError, ValueError, FileNotFoundError)
+WORKER_ENV = "TRELLIS_WORKER"
+
+
+def is_worker() -> bool:
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def prepare_config(args: argparse.Namespace) -> dict:
+    cfg = apply_overrides(load_config(args.config), args.overrides)
+    validate_config(cfg)
+    return cfg
+
+
+def torchrun_layout() -> tuple[int, int, int, int] | None:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's environment, if present."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return rank, world, local, local_world
+
+
+def pick_device(args: argparse.Namespace) -> str:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def launch(args: argparse.Namespace, cfg: dict) -> int:
+    try:
+        device = pick_device(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    layout = torchrun_layout()
+    if layout is not None:
+        return worker(layout, device, args, cfg)
+    nproc = args.num_gpus if args.num_gpus > 0 else (torch.cuda.device_count() if device == "cuda" else 1)
+    world = nproc * args.num_nodes
+    if world == 1:
+        return worker((0, 1, 0, 1), device, args, cfg)
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_spawn_entry, args=(nproc, world, device, args, cfg), nprocs=nproc, join=True)
+    except mp.ProcessExitedException as e:
+        print(f"error: rank {args.node_rank * nproc + e.error_index} exited with code {e.exit_code}; "
+              "the job is stopped", file=sys.stderr)
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    except mp.ProcessRaisedException as e:
+        print(f"error: a rank failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _spawn_entry(local_rank: int, nproc: int, world: int, device: str, args: argparse.Namespace, cfg: dict) -> None:
+    code = worker((args.node_rank * nproc + local_rank, world, local_rank, nproc), device, args, cfg)
+    if code:
+        sys.exit(code)
+
+
+def worker(layout: tuple[int, int, int, int], device: str, args: argparse.Namespace, cfg: dict) -> int:
+    rank, world, local, local_world = layout
+    if device == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    info = DistInfo(rank, world, local, local_world, dev)
+    try:
+        tdist.init_process_group(info, args.master_addr, int(args.master_port))
+        run(info, args, cfg)
+        return 0
+    except USER_ERRORS as e:
+        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("TRELLIS_DEBUG") == "1":
+            traceback.print_exc()
+        return 2
+    except Exception as e:  # noqa: BLE001 - report which rank failed, then exit non-zero
+        traceback.print_exc()
+        print(f"[rank {rank}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        tdist.destroy_process_group()
+
+
+def run(info: DistInfo, args: argparse.Namespace, cfg: dict) -> None:
+    targs = dict(cfg["trainer"].get("args", {}))
+    torch.manual_seed(int(targs.get("seed", 0)))  # same initial weights on every rank and every run
+    dataset = build_dataset(cfg, args.data_dir)
+    models = build_models(cfg)
+    load_dir = args.load_dir or args.output_dir
+    step = resolve_ckpt(load_dir, args.ckpt)
+    if not args.tryrun and info.is_main:
+        write_run_files(args, cfg, models)
+    trainer_cls = TRAINERS.get(cfg["trainer"]["name"])
+    trainer = trainer_cls(models, dataset, output_dir=args.output_dir, load_dir=load_dir, step=step,
+                          dist=info, **targs)
+    if args.tryrun:
+        trainer.tryrun()
+    elif args.profile:
+        trainer.profile()
+    else:
+        trainer.run()
+
+
+def model_summary(model: torch.nn.Module) -> str:
+    lines = [f"{type(model).__name__}", ""]
+    for name, p in model.named_parameters():
+        frozen = "" if p.requires_grad else "\t(frozen)"
+        lines.append(f"{name}\t{list(p.shape)}\t{str(p.dtype).replace('torch.', '')}\t{p.numel()}{frozen}")
+    for name, b in model.named_buffers():
+        lines.append(f"{name}\t{list(b.shape)}\t{str(b.dtype).replace('torch.', '')}\t{b.numel()}\t(buffer)")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines += ["", f"Total parameters: {total:,}", f"Trainable parameters: {trainable:,}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_run_files(args: argparse.Namespace, cfg: dict, models: dict[str, torch.nn.Module]) -> None:
+    os.makedirs(args.output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(args.output_dir, "command.txt"), " ".join(sys.argv) + "\n")
+    atomic_write_json(os.path.join(args.output_dir, "config.json"), cfg)
+    for key, model in models.items():
+        atomic_write_text(os.path.join(args.output_dir, f"{key}_model_summary.txt"), model_summary(model))
+
+
+def _strip_flag(argv: list[str], flag: str, has_value: bool = True) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = has_value
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return out
+
+
+def supervise(argv: list[str], args: argparse.Namespace) -> int:
+    """Runs the training as a child process and relaunches it from the newest checkpoint after a
+    failure, up to ``--auto_retry`` times. User errors (exit code 2) are not retried."""
+    from trellis.trainers.checkpoint import find_latest
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+    base = _strip_flag(argv, "--auto_retry")
+    env = dict(os.environ, **{WORKER_ENV: "1"})
+    code = 1
+    for attempt in range(args.auto_retry + 1):
+        cmd = list(base)
+        if attempt > 0 and find_latest(args.output_dir) is not None:
+            cmd = _strip_flag(_strip_flag(cmd, "--ckpt"), "--load_dir") + ["--ckpt", "latest", "--load_dir", args.output_dir]
+        code = subprocess.call([sys.executable, script, *cmd], env=env)
+        if code == 0:
+            return 0
+        if code == 2:
+            print("auto_retry: not retrying a configuration or data error", file=sys.stderr)
+            return code
+        if attempt < args.auto_retry:
+            print(f"auto_retry: attempt {attempt + 1} failed with exit code {code}; relaunching from the newest "
+                  f"checkpoint ({args.auto_retry - attempt} retries left)", file=sys.stderr, flush=True)
+    print(f"auto_retry: giving up after {args.auto_retry} retries (last exit code {code})", file=sys.stderr)
+    return code if code > 0 else 1

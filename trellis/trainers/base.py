@@ -1,0 +1,474 @@
+"""The training engine: one loop with components, shared by every TRELLIS trainer.
+
+A trainer subclass implements two hooks:
+
+* ``training_losses(**micro_batch) -> (loss_terms, status)``: ``loss_terms["loss"]`` is optimised;
+  every other scalar in either dict is logged (averaged over steps and ranks).
+* ``run_snapshot(batch) -> {name: {"value": tensor, "type": "image" | "sample"}}``: pictures for
+  visual monitoring; ``"sample"`` values are turned into images by ``dataset.visualize_sample``.
+
+Everything else lives here: DDP (applied from outside the models), gradient accumulation over
+``batch_split`` micro-batches, precision (``fp16_mode``), clipping, EMA, LR schedule, checkpoints
+(complete and atomic; resume is exact), logging, snapshots, ``tryrun`` and ``profile``.
+See reference TRAINING.md sections 2-8 for the original semantics this keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from trellis.datasets.base import DatasetError, FailedSample
+from trellis.datasets.samplers import ResumableSampler
+from trellis.registry import ELASTIC_CONTROLLERS, GRAD_CLIPPERS, LR_SCHEDULERS, OPTIMIZERS
+from trellis.trainers import checkpoint as ckpt
+from trellis.trainers.logger import MetricAccumulator, RunLogger
+from trellis.trainers.precision import AmpPolicy, make_policy
+from trellis.trainers.snapshot import SnapshotMixin
+from trellis.trainers.tools import ToolsMixin
+from trellis.utils import dist as tdist
+from trellis.utils.dist import DistInfo
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the global RNGs for one (step, rank): training randomness is a function of these
+    alone, so a resumed run draws exactly what an uninterrupted run draws."""
+    return (seed * 1_000_003 + step * 4099 + rank * 7919) % (2 ** 63 - 1)
+
+
+class Trainer(SnapshotMixin, ToolsMixin):
+    """Base trainer. Config keys are those of the original TRELLIS trainer plus a few new ones.
+
+    Args:
+        models: named models (config-key order: their params are optimised in this order).
+        dataset: the training dataset.
+        output_dir: run directory (``ckpts/``, ``samples/``, ``tb_logs/``, logs).
+        load_dir: where to resume from (default: output_dir).
+        step: checkpoint step to resume from (None: start fresh, or from ``finetune_ckpt``).
+        dist: process layout and device (one CPU process if None).
+        max_steps: number of optimizer steps.
+        batch_size: global batch size (divided over ranks); or give ``batch_size_per_gpu``.
+        batch_size_per_gpu: samples per rank per step.
+        batch_split: micro-batches per step (gradient accumulation).
+        optimizer: ``{name, args}`` of a ``torch.optim`` class (default AdamW, lr 1e-4).
+        lr_scheduler: ``{name, args}`` of a ``torch.optim.lr_scheduler`` class or ``LinearWarmupLRScheduler``.
+        elastic: ``{name, args}`` of an elastic memory controller (activation checkpointing on demand).
+        grad_clip: a float max norm, or ``{name: AdaptiveGradClipper, args}``.
+        ema_rate: EMA rate or list of rates.
+        fp16_mode: 'inflat_all' | 'amp' | 'bf16' | None.
+        fp16_scale_growth: log2 loss-scale growth per clean step (inflat_all).
+        finetune_ckpt: ``{model key: path}`` to initialise from when not resuming.
+        log_param_stats: log per-model parameter and gradient norms.
+        prefetch_data: move the next batch to the device while the current step runs.
+        i_print, i_log, i_sample, i_save, i_ddpcheck: intervals in steps (0 disables).
+        keep_last: keep only the newest N checkpoints (None: keep all).
+        seed: seed of the data order and of all training randomness.
+        num_workers: data-loader worker processes (default: min(4, CPUs per local rank)).
+        snapshot_samples: samples per snapshot.
+        wandb: kwargs for ``wandb.init`` to also log there (needs wandb installed).
+    """
+
+    def __init__(self, models: dict[str, nn.Module], dataset: Any, *, output_dir: str,
+                 load_dir: str | None = None, step: int | None = None, dist: DistInfo | None = None,
+                 max_steps: int, batch_size: int | None = None, batch_size_per_gpu: int | None = None,
+                 batch_split: int = 1, optimizer: dict | None = None, lr_scheduler: dict | None = None,
+                 elastic: dict | None = None, grad_clip: float | dict | None = None,
+                 ema_rate: float | list[float] = 0.9999, fp16_mode: str | None = "inflat_all",
+                 fp16_scale_growth: float = 1e-3, finetune_ckpt: dict | None = None,
+                 log_param_stats: bool = False, prefetch_data: bool = True,
+                 i_print: int = 1000, i_log: int = 500, i_sample: int = 10000, i_save: int = 10000,
+                 i_ddpcheck: int = 10000, keep_last: int | None = None, seed: int = 0,
+                 num_workers: int | None = None, snapshot_samples: int = 16, wandb: dict | None = None):
+        self.dist = dist or DistInfo()
+        self.device = self.dist.device
+        self.models = models
+        self.dataset = dataset
+        self.output_dir = output_dir
+        self.load_dir = load_dir or output_dir
+        self.max_steps = max_steps
+        self.batch_split = batch_split
+        self.fp16_mode = fp16_mode
+        self.log_param_stats = log_param_stats
+        self.prefetch_data = prefetch_data
+        self.i_print, self.i_log, self.i_sample, self.i_save, self.i_ddpcheck = i_print, i_log, i_sample, i_save, i_ddpcheck
+        self.keep_last = keep_last
+        self.seed = seed
+        self.snapshot_samples = snapshot_samples
+        self.wandb = wandb
+        self.step = 0
+        self.batch_size_per_gpu = self._per_gpu_batch(batch_size, batch_size_per_gpu, batch_split)
+
+        # Models: precision policy decides the fp16 torso; DDP wraps from outside.
+        for model in models.values():
+            if fp16_mode != "inflat_all" and getattr(model, "use_fp16", False) and hasattr(model, "convert_to_fp32"):
+                model.convert_to_fp32()
+            model.to(self.device)
+        self.training_models = {k: self._wrap(m) for k, m in models.items()}
+        self.params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("no trainable parameters")
+        self._param_names = {id(p): (k, n) for k, m in models.items() for n, p in m.named_parameters()}
+        self.policy = make_policy(fp16_mode, self.params, self.device, fp16_scale_growth)
+
+        opt_spec = optimizer or {"name": "AdamW", "args": {"lr": 1e-4, "weight_decay": 0.0}}
+        self.optimizer = OPTIMIZERS.get(opt_spec["name"])(self.policy.master_params, **opt_spec.get("args", {}))
+        if isinstance(self.policy, AmpPolicy):
+            self.policy.bind(self.optimizer)
+        self.lr_scheduler = (LR_SCHEDULERS.get(lr_scheduler["name"])(self.optimizer, **lr_scheduler.get("args", {}))
+                             if lr_scheduler else None)
+        self.grad_clip = grad_clip
+        if isinstance(grad_clip, dict):
+            self.clipper = GRAD_CLIPPERS.get(grad_clip["name"])(**grad_clip.get("args", {}))
+        elif grad_clip is not None:
+            self.clipper = lambda params: torch.nn.utils.clip_grad_norm_(params, float(grad_clip), foreach=True)
+        else:
+            self.clipper = None
+        self.elastic = None
+        if elastic is not None:
+            self.elastic = ELASTIC_CONTROLLERS.get(elastic["name"])(**elastic.get("args", {}))
+            self.elastic.attach(self.models, self.device)
+
+        self.ema_rates = [float(r) for r in (ema_rate if isinstance(ema_rate, (list, tuple)) else [ema_rate])]
+        self.ema_params = ({r: [p.detach().clone() for p in self.policy.master_params] for r in self.ema_rates}
+                           if self.dist.is_main else {})
+
+        self.sampler = ResumableSampler(dataset, self.dist.rank, self.dist.world_size, shuffle=True, seed=seed)
+        if self.sampler.per_rank < self.batch_size_per_gpu:
+            raise DatasetError(f"the dataset has {len(dataset)} samples, fewer than one batch "
+                               f"({self.batch_size_per_gpu} per rank x {self.dist.world_size} ranks)")
+        self.data_state = {"epoch": 0, "idx": 0}
+        self.num_workers = num_workers if num_workers is not None else min(4, max(1, (os.cpu_count() or 1) // self.dist.local_world_size))
+        self._bad_samples: set[str] = set()
+        self._acc = MetricAccumulator()
+        self.logger: RunLogger | None = None
+
+        if step is not None:
+            self.load(self.load_dir, step)
+        elif finetune_ckpt:
+            self.load_finetune(finetune_ckpt)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _per_gpu_batch(self, batch_size: int | None, per_gpu: int | None, split: int) -> int:
+        w = self.dist.world_size
+        if (batch_size is None) == (per_gpu is None):
+            raise ValueError("trainer.args: give exactly one of batch_size and batch_size_per_gpu")
+        if per_gpu is None:
+            if batch_size % w:
+                raise ValueError(f"trainer.args.batch_size={batch_size} is not divisible by the world size {w}")
+            per_gpu = batch_size // w
+        if per_gpu < 1 or split < 1 or per_gpu % split:
+            raise ValueError(f"trainer.args.batch_size_per_gpu={per_gpu} must be a positive multiple of batch_split={split}")
+        return per_gpu
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.dist.distributed or not any(p.requires_grad for p in model.parameters()):
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=128,
+                                       find_unused_parameters=False)
+
+    def make_loader(self) -> DataLoader:
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size_per_gpu, sampler=self.sampler, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", drop_last=True, generator=g,
+            collate_fn=getattr(self.dataset, "collate_fn", None), persistent_workers=self.num_workers > 0,
+        )
+
+    # ------------------------------------------------------------------ data
+    def batches(self) -> Iterator[Any]:
+        """Endless batches; ``self.data_state`` always names the next sample not yet consumed."""
+        loader = self.make_loader()
+        self.sampler.load_state_dict(self.data_state)
+        while True:
+            for batch in loader:
+                self.data_state = {"epoch": self.sampler.epoch, "idx": self.data_state["idx"] + self.batch_size_per_gpu}
+                yield self.to_device(self.check_failed(batch))
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self.data_state = {"epoch": self.sampler.epoch, "idx": 0}
+
+    def check_failed(self, batch: Any) -> Any:
+        """Logs and counts assets that failed to load; stops above ``max_bad_fraction``."""
+        if not isinstance(batch, dict):
+            return batch
+        failed: list[FailedSample] = batch.pop("_failed", [])
+        for f in failed:
+            if f.sha256 not in self._bad_samples:
+                self._bad_samples.add(f.sha256)
+                print(f"[rank {self.dist.rank}] WARNING: skipped broken asset {f}", flush=True)
+        limit = getattr(self.dataset, "max_bad_fraction", 0.0) * self.sampler.per_rank
+        if len(self._bad_samples) > limit:
+            raise DatasetError(f"{len(self._bad_samples)} broken asset(s) on rank {self.dist.rank}, more than "
+                               f"max_bad_fraction={getattr(self.dataset, 'max_bad_fraction', 0.0)} of "
+                               f"{self.sampler.per_rank}: {sorted(self._bad_samples)[:5]}")
+        if failed and not any(isinstance(v, torch.Tensor) or hasattr(v, "feats") for v in batch.values()):
+            raise DatasetError(f"every sample of a batch failed to load: {[str(f) for f in failed]}")
+        return batch
+
+    def to_device(self, batch: Any) -> Any:
+        nb = self.device.type == "cuda"
+        if isinstance(batch, torch.Tensor) or hasattr(batch, "feats"):
+            return batch.to(self.device, non_blocking=nb) if isinstance(batch, torch.Tensor) else batch.to(self.device)
+        if isinstance(batch, dict):
+            return {k: self.to_device(v) for k, v in batch.items()}
+        if isinstance(batch, list):
+            return [self.to_device(v) for v in batch]
+        return batch
+
+    def split_batch(self, batch: Any) -> list[Any]:
+        """A dict batch -> ``batch_split`` consecutive slices; a list batch is already micro-batches."""
+        if isinstance(batch, list):
+            return batch
+        n = self.batch_split
+        size = next(len(v) if not hasattr(v, "feats") else v.shape[0]
+                    for v in batch.values() if isinstance(v, (torch.Tensor, list)) or hasattr(v, "feats"))
+        bounds = np.linspace(0, size, n + 1).round().astype(int)
+        out = []
+        for i in range(n):
+            s, e = int(bounds[i]), int(bounds[i + 1])
+            if e > s:
+                out.append({k: self._slice(v, s, e) for k, v in batch.items()})
+        return out
+
+    @staticmethod
+    def _slice(v: Any, s: int, e: int) -> Any:
+        if isinstance(v, (torch.Tensor, list)):
+            return v[s:e]
+        if hasattr(v, "feats"):  # SparseTensor: batch indexing renumbers items 0..e-s-1
+            return v[list(range(s, e))]
+        return v
+
+    # ------------------------------------------------------------------ one step
+    def training_losses(self, **batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        raise NotImplementedError
+
+    def _seed_step(self) -> None:
+        s = step_seed(self.seed, self.step, self.dist.rank)
+        torch.manual_seed(s)
+        np.random.seed(s % (2 ** 32))
+        random.seed(s)
+
+    def run_step(self, batch: Any) -> dict[str, Any]:
+        micro = self.split_batch(batch)
+        self.policy.zero_grad()
+        metrics: dict[str, Any] = {}
+        acc = MetricAccumulator()
+        for i, mb in enumerate(micro):
+            with contextlib.ExitStack() as stack:
+                if i < len(micro) - 1:
+                    for m in self.training_models.values():
+                        if isinstance(m, DistributedDataParallel):
+                            stack.enter_context(m.no_sync())
+                if self.elastic is not None:
+                    stack.enter_context(self.elastic.record())
+                with self.policy.autocast():
+                    terms, status = self.training_losses(**mb)
+                self.policy.backward(terms["loss"] / len(micro))
+            acc.add({"loss": {k: v for k, v in terms.items()}, "status": status})
+        metrics.update({k: v / c for k, v in acc.sums.items() for c in [acc.counts[k]]})
+        grad_norm, finite = self.policy.unscale_and_clip(self.clipper)
+        if finite:
+            self.policy.step(self.optimizer)
+        self.policy.update(finite)
+        metrics["status/grad_norm"] = grad_norm.detach()
+        metrics["status/skipped_step"] = float(not finite)
+        metrics.update(self.policy.log_values())
+        if hasattr(self.clipper, "threshold"):
+            metrics["grad_clip/max_norm"] = self.clipper.threshold
+        elif self.grad_clip is not None:
+            metrics["grad_clip"] = float(self.grad_clip)
+        if self.lr_scheduler is not None:
+            metrics["status/lr"] = self.lr_scheduler.get_last_lr()[0]
+            self.lr_scheduler.step()
+        if self.elastic is not None:
+            metrics.update({f"elastic/{k}": v for k, v in self.elastic.log().items()})
+        for rate, ema in self.ema_params.items():
+            torch._foreach_lerp_(ema, [p.detach() for p in self.policy.master_params], 1.0 - rate)
+        if self.log_param_stats:
+            metrics.update(self.param_stats())
+        return metrics
+
+    def param_stats(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, model in self.models.items():
+            ps = [p for p in model.parameters() if p.requires_grad]
+            out[f"params/{key}/norm"] = torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in ps]))
+            gs = [p.grad.float().norm() for p in ps if p.grad is not None]
+            if gs:
+                out[f"params/{key}/grad_norm"] = torch.linalg.vector_norm(torch.stack(gs))
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def prepare_output(self) -> None:
+        if self.dist.is_main:
+            for sub in ("ckpts", "samples", "tb_logs"):
+                os.makedirs(os.path.join(self.output_dir, sub), exist_ok=True)
+        self.logger = RunLogger(self.output_dir, self.dist.is_main, self.wandb)
+        tdist.barrier()
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        self.prepare_output()
+        resumed = self.step > 0
+        if self.i_sample:
+            self.snapshot(f"resume_step{self.step:07d}" if resumed else "init")
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.dist.is_main, dynamic_ncols=True,
+                   desc="train")
+        data = self.batches()
+        elapsed = 0.0
+        try:
+            while self.step < self.max_steps:
+                t0 = time.perf_counter()
+                self._seed_step()
+                batch = next(data)
+                metrics = self.run_step(batch)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                metrics["time/step"] = dt
+                metrics["time/elapsed"] = elapsed
+                self._acc.add(metrics)
+                bar.update(1)
+                if self.i_print and self.step % self.i_print == 0 and self.dist.is_main:
+                    bar.set_postfix(loss=f"{float(metrics['loss/loss']):.4f}", refresh=False)
+                if self.i_ddpcheck and self.step % self.i_ddpcheck == 0:
+                    self.check_ddp()
+                if self.i_sample and self.step % self.i_sample == 0:
+                    self.snapshot(f"step{self.step:07d}")
+                if self.i_log and self.step % self.i_log == 0:
+                    self.flush_logs()
+                if self.i_save and self.step % self.i_save == 0:
+                    self.save()
+            self.flush_logs()
+            if not self.i_save or self.step % self.i_save:
+                self.save()
+            if self.i_sample:
+                self.snapshot("final")
+        finally:
+            bar.close()
+            if self.logger is not None:
+                self.logger.close()
+
+    def flush_logs(self) -> None:
+        if not self._acc.sums:
+            return
+        values = self._acc.reduce(self.device)
+        values["data/bad_samples"] = float(tdist.all_reduce_sum(torch.tensor(float(len(self._bad_samples)))).item())
+        if self.logger is not None:
+            self.logger.write(self.step, values)
+
+    def check_ddp(self) -> None:
+        """Asserts that every rank holds the same master weights (cheap checksum)."""
+        if not self.dist.distributed:
+            return
+        s = torch.stack([p.detach().double().sum() for p in self.policy.master_params]).sum().reshape(1)
+        sums = tdist.all_gather_object(float(s.item()))
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"step {self.step}: model weights differ between ranks (checksums {sums})")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_state(self, key: str, values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's state dict with every trainable param replaced by ``values`` (fp32, contiguous)."""
+        model = self.models[key]
+        index = {id(p): i for i, p in enumerate(self.params)}
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        for name, p in model.named_parameters():
+            if id(p) in index:
+                state[name] = values[index[id(p)]].detach().float().cpu().clone()
+        return state
+
+    def rng_state(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self) -> None:
+        """Writes the checkpoint of ``self.step`` (collective; rank 0 writes)."""
+        rng = tdist.all_gather_object(self.rng_state())
+        data_states = tdist.all_gather_object(self.data_state)
+        if self.dist.is_main:
+            root, step = self.output_dir, self.step
+            for key in self.models:
+                ckpt.save_atomic(self._model_state(key, self.policy.master_params), ckpt.model_file(root, key, step))
+                for rate, ema in self.ema_params.items():
+                    ckpt.save_atomic(self._model_state(key, ema), ckpt.ema_file(root, key, rate, step))
+            misc = {
+                "step": step,
+                "optimizer": self.optimizer.state_dict(),
+                "precision": {"mode": self.fp16_mode, **self.policy.state_dict()},
+                "data_sampler": self.data_state,
+                "data_sampler_per_rank": data_states,
+                "rng": rng,
+                "world_size": self.dist.world_size,
+                "bad_samples": sorted(self._bad_samples),
+            }
+            if self.lr_scheduler is not None:
+                misc["lr_scheduler"] = self.lr_scheduler.state_dict()
+            if hasattr(self.clipper, "state_dict"):
+                misc["grad_clip"] = self.clipper.state_dict()
+            if self.elastic is not None:
+                misc["elastic_controller"] = self.elastic.state_dict()
+            ckpt.save_atomic(misc, ckpt.misc_file(root, step))  # last: marks the step complete
+            ckpt.remove_old(root, self.keep_last)
+        tdist.barrier()
+
+    def load(self, load_dir: str, step: int) -> None:
+        """Resumes everything saved by ``save`` at ``step`` from ``load_dir``."""
+        for key, model in self.models.items():
+            path = ckpt.model_file(load_dir, key, step)
+            state = ckpt.load_file(path)
+            ckpt.load_state_dict_strict(model, state, path)
+            self._set_masters_from_state(key, state, self.policy.master_params)
+        for rate, ema in self.ema_params.items():
+            for key in self.models:
+                path = ckpt.ema_file(load_dir, key, rate, step)
+                self._set_masters_from_state(key, ckpt.load_file(path), ema)
+        misc_path = ckpt.misc_file(load_dir, step)
+        misc = ckpt.load_file(misc_path)
+        saved_mode = misc.get("precision", {}).get("mode", self.fp16_mode)
+        if saved_mode != self.fp16_mode:
+            print(f"note: checkpoint was trained with fp16_mode={saved_mode!r}, continuing with {self.fp16_mode!r}")
+        else:
+            self.policy.load_state_dict(misc["precision"])
+        try:
+            self.optimizer.load_state_dict(misc["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ckpt.CheckpointError(f"{misc_path}: optimizer state does not fit this config: {e}") from None
+        if self.lr_scheduler is not None and "lr_scheduler" in misc:
+            self.lr_scheduler.load_state_dict(misc["lr_scheduler"])
+        if hasattr(self.clipper, "load_state_dict") and "grad_clip" in misc:
+            self.clipper.load_state_dict(misc["grad_clip"])
+        if self.elastic is not None and "elastic_controller" in misc:
+            self.elastic.load_state_dict(misc["elastic_controller"])
+        per_rank = misc.get("data_sampler_per_rank")
+        same_layout = misc.get("world_size", 1) == self.dist.world_size and per_rank
+        self.data_state = dict(per_rank[self.dist.rank] if same_layout else misc["data_sampler"])
+        if same_layout:
+            rng = misc["rng"][self.dist.rank]
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self._bad_samples = set(misc.get("bad_samples", []))
+        self.step = int(misc["step"])
+        if self.dist.is_main:
+            print(f"resumed from {load_dir} at step {self.step}")
+
+    def _set_masters_from_state(self, key: str, state: dict, targets: list[torch.Tensor]) -> None:
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for name, p in self.models[key].named_parameters():
+            if id(p) in index:
+                targets[index[id(p)]].data.copy_(state[name].float())
