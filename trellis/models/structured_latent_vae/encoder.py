@@ -70,8 +70,8 @@ class SLatEncoder(SparseTransformerBase):
         Returns:
             ``z`` SparseTensor ``[N, latent_channels]`` (same coords), or ``(z, mean, logvar)``.
         """
+        h = super().forward(x)  # validates x
         in_dtype = x.feats.dtype
-        h = super().forward(x)
         feats = F.layer_norm(h.feats.to(in_dtype), h.feats.shape[-1:], eps=1e-5)
         feats = self.out_layer(h.replace(feats.to(self.out_layer.weight.dtype))).feats  # [N, 2 * latent]
         mean, logvar = feats.chunk(2, dim=-1)
