@@ -1,0 +1,162 @@
+"""Stage ``extract_feature``: DINOv2 patch features of the rendered views, projected onto the voxels
+(reference DATA.md section 5).
+
+For each object with ``rendered`` and ``voxelized``:
+
+1. every view ``renders/<sha>/NNN.png`` is resized to 518^2 (LANCZOS, RGBA), premultiplied on black and
+   ImageNet-normalised;
+2. the ViT's pre-norm patch tokens (CLS and registers dropped) form a [C, 37, 37] map per view;
+3. each voxel centre of ``voxels/<sha>.ply`` is projected with the view's camera (OpenCV extrinsics,
+   normalised intrinsics) and the map is sampled bilinearly there (``align_corners=False``, zeros
+   outside the frame);
+4. the samples are averaged over all views (no visibility test, as the released encoders expect).
+
+Output ``features/<model>/<sha>.npz``: ``indices`` uint8 [N,3] = ``floor((p + 0.5) * 64)`` and
+``patchtokens`` float16 [N,C], in the voxel-file order; ``features/<model>/model.json`` records the
+model and its channel count C (1024 for ``dinov2_vitl14_reg``; 64 for ``tiny``).
+
+    python -m dataset_toolkits.extract_feature --output_dir D [--model dinov2_vitl14_reg] [--weights PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trellis.datasets.components import load_transforms
+from trellis.encoders.dinov2 import DinoV2ViT, load_dinov2, normalize_images
+from trellis.utils.geometry import c2w_blender_to_extrinsics, fov_to_intrinsics
+from trellis.utils.ply import read_voxel_ply
+
+IMAGE_SIZE = 518
+
+
+def load_view(path: str, image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """One RGBA render -> float32 [3,S,S] in [0,1], premultiplied (black background), not normalised."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: view not found")
+    with Image.open(path) as im:
+        rgba = im.convert("RGBA").resize((image_size, image_size), Image.Resampling.LANCZOS)
+    arr = np.asarray(rgba, dtype=np.float32) / 255.0  # [S,S,4]
+    return torch.from_numpy(arr[..., :3] * arr[..., 3:4]).permute(2, 0, 1).contiguous()
+
+
+def load_cameras(frames: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """transforms.json frames -> (extrinsics float32 [V,4,4] OpenCV world-to-camera, intrinsics [V,3,3])."""
+    c2w = np.stack([np.asarray(f["transform_matrix"], dtype=np.float64) for f in frames])
+    fov = np.array([float(f["camera_angle_x"]) for f in frames])
+    return torch.from_numpy(c2w_blender_to_extrinsics(c2w)).float(), torch.from_numpy(fov_to_intrinsics(fov)).float()
+
+
+def project(points: torch.Tensor, extrinsics: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
+    """World points [N,3] -> image coordinates uv [V,N,2] in [0,1] ((0,0) = top-left corner) per view."""
+    cam = points @ extrinsics[:, :3, :3].transpose(1, 2) + extrinsics[:, None, :3, 3]  # [V,N,3]
+    pix = cam @ intrinsics.transpose(1, 2)  # [V,N,3]
+    return pix[..., :2] / pix[..., 2:3]
+
+
+def sample_patch_grid(grid: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of feature maps [V,C,h,w] at uv [V,N,2] in [0,1] -> [V,N,C] (zeros outside)."""
+    g = (uv * 2 - 1)[:, None]  # [V,1,N,2], x = u (width), y = v (height)
+    out = F.grid_sample(grid, g.to(grid.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[:, :, 0].transpose(1, 2)  # [V,C,1,N] -> [V,N,C]
+
+
+@torch.no_grad()
+def object_features(vit: DinoV2ViT, render_dir: str, points: np.ndarray, batch_size: int = 16,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Mean over all views of ``render_dir`` of the sampled pre-norm patch tokens at ``points`` [N,3].
+    Returns float32 [N,C] on the CPU. Views go through the ViT ``batch_size`` at a time."""
+    frames = load_transforms(render_dir)
+    extr, intr = load_cameras(frames)
+    pts = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(device)
+    total = torch.zeros(pts.shape[0], vit.embed_dim, device=device)
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start:start + batch_size]
+        images = torch.stack([load_view(os.path.join(render_dir, f["file_path"])) for f in chunk]).to(device)
+        grid = vit.patch_grid(normalize_images(images)).float()  # [v, C, 37, 37]
+        uv = project(pts, extr[start:start + len(chunk)].to(device), intr[start:start + len(chunk)].to(device))
+        total += sample_patch_grid(grid, uv).sum(dim=0)  # [N, C]
+    return (total / len(frames)).cpu()
+
+
+def voxel_indices(points: np.ndarray, path: str) -> np.ndarray:
+    """Voxel centres [N,3] -> uint8 indices ``floor((p + 0.5) * 64)``; errors name ``path``."""
+    idx = np.floor((points.astype(np.float64) + 0.5) * 64).astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() > 63):
+        raise ValueError(f"{path}: voxel centres outside [-0.5, 0.5]^3")
+    return idx.astype(np.uint8)
+
+
+def extract_one(vit: DinoV2ViT, root: str, sha256: str, model: str, batch_size: int = 16,
+                device: torch.device | str = "cpu") -> str:
+    """Writes ``features/<model>/<sha>.npz`` for one object; returns its path."""
+    voxel_path = os.path.join(root, "voxels", f"{sha256}.ply")
+    points = read_voxel_ply(voxel_path)
+    if len(points) == 0:
+        raise ValueError(f"{voxel_path}: no voxels")
+    indices = voxel_indices(points, voxel_path)
+    feats = object_features(vit, os.path.join(root, "renders", sha256), points, batch_size, device)
+    out = os.path.join(root, "features", model, f"{sha256}.npz")
+    save_npz(out, indices=indices, patchtokens=feats.numpy().astype(np.float16))
+    return out
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    """Atomic compressed npz: written beside ``path`` and renamed onto it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def write_model_info(root: str, model: str, vit: DinoV2ViT) -> None:
+    info = {"model": model, "channels": vit.embed_dim, "image_size": IMAGE_SIZE,
+            "grid": IMAGE_SIZE // vit.cfg.patch_size}
+    path = os.path.join(root, "features", model, "model.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=4)
+    os.replace(path + ".tmp", path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", required=True, help="dataset root (holds metadata.csv)")
+    p.add_argument("--model", default="dinov2_vitl14_reg", help="dinov2_vitl14_reg, or tiny (random, tests)")
+    p.add_argument("--weights", default=None, help="checkpoint file or HF directory (default: $TRELLIS_WEIGHTS_DIR)")
+    p.add_argument("--batch_size", type=int, default=16, help="views per ViT forward")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world_size", type=int, default=1)
+    p.add_argument("--instances", default=None, help="comma list of sha256 or a file with one per line")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dataset_toolkits._stage import run_object_stage
+
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vit = load_dinov2(args.model, args.weights).to(device)
+    write_model_info(args.output_dir, args.model, vit)
+
+    def process(sha256: str) -> None:
+        extract_one(vit, args.output_dir, sha256, args.model, args.batch_size, device)
+
+    return run_object_stage(
+        root=args.output_dir, record=f"feature_{args.model}", requires=("rendered", "voxelized"),
+        output=lambda sha: os.path.join(args.output_dir, "features", args.model, f"{sha}.npz"),
+        process=process, rank=args.rank, world_size=args.world_size, instances=args.instances,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
