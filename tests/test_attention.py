@@ -1,0 +1,307 @@
+"""Dense attention, RMS norm, RoPE and the varlen attention core, against float64 references."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from trellis.backends import BackendError
+from trellis.modules.attention import (
+    MultiHeadAttention,
+    MultiHeadRMSNorm,
+    RotaryPositionEmbedder,
+    VarlenPlan,
+    attention_with_plan,
+    naive_varlen_attention,
+    select_backend,
+    varlen_attention,
+)
+
+
+def _cu(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+
+
+def _rand(*shape: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("ATTN_BACKEND", raising=False)
+    monkeypatch.delenv("SPARSE_ATTN_BACKEND", raising=False)
+
+
+# ----------------------------------------------------------------------------- varlen core
+@pytest.mark.parametrize("lens_q,lens_kv", [
+    ([5, 0, 17, 30, 1, 100, 3], None),  # self, an empty sequence, several buckets
+    ([4, 9, 0, 33], [7, 1, 5, 60]),  # cross, different key lengths
+    ([1030, 7], None),  # a sequence above the padding ladder (exact bucket)
+])
+def test_varlen_torch_matches_naive_forward_backward(lens_q, lens_kv):
+    torch.manual_seed(0)
+    lens_kv = lens_q if lens_kv is None else lens_kv
+    cu_q, cu_kv = _cu(lens_q), _cu(lens_kv)
+    H, d = 2, 8
+    q, k, v = _rand(sum(lens_q), H, d), _rand(sum(lens_kv), H, d), _rand(sum(lens_kv), H, d)
+    out = varlen_attention(q, k, v, cu_q, cu_kv, max(lens_q), max(lens_kv))
+    ref = naive_varlen_attention(q, k, v, cu_q, cu_kv)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_varlen_gathered_rows_match_permuted_reference():
+    torch.manual_seed(1)
+    lens = [3, 50, 12, 1, 64]
+    cu = _cu(lens)
+    T, H, d = sum(lens), 3, 16
+    q, k, v = _rand(T, H, d), _rand(T, H, d), _rand(T, H, d)
+    perm = torch.randperm(T)
+    plan = VarlenPlan(cu, index_q=perm)
+    out = attention_with_plan(q, k, v, plan)
+    ref = torch.empty_like(q)
+    ref[perm] = naive_varlen_attention(q[perm], k[perm], v[perm], cu, cu)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_varlen_float32_and_custom_scale():
+    torch.manual_seed(2)
+    lens = [10, 20]
+    cu = _cu(lens)
+    q, k, v = (torch.randn(30, 2, 8) for _ in range(3))
+    out = varlen_attention(q, k, v, cu, cu, scale=0.3)
+    ref = naive_varlen_attention(q.double(), k.double(), v.double(), cu, cu, scale=0.3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_plan_is_reused_and_validates():
+    cu = _cu([4, 6])
+    plan = VarlenPlan(cu)
+    assert (plan.max_q, plan.num_q, plan.num_seqs) == (6, 10, 2)
+    q = torch.randn(10, 1, 4)
+    attention_with_plan(q, q, q, plan)
+    key = ("torch", q.device)
+    cached = plan._cache[key]
+    attention_with_plan(q, q, q, plan)
+    assert plan._cache[key] is cached
+    with pytest.raises(ValueError, match="no keys"):
+        VarlenPlan(_cu([2, 3]), _cu([2, 0]))
+    with pytest.raises(ValueError, match="rows"):
+        attention_with_plan(torch.randn(9, 1, 4), q, q, plan)
+    with pytest.raises(ValueError, match="max_q"):
+        varlen_attention(q, q, q, cu, cu, max_q=5)
+    with pytest.raises(ValueError, match="1-D integer"):
+        VarlenPlan(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        VarlenPlan(torch.tensor([0, 5, 3]))
+
+
+# ----------------------------------------------------------------------------- backend choice
+def test_backend_env_read_at_call_time(monkeypatch):
+    cpu = torch.device("cpu")
+    assert select_backend(cpu, torch.float32, varlen=True, sparse=True) == "torch"
+    monkeypatch.setenv("SPARSE_ATTN_BACKEND", "not_a_backend")
+    with pytest.raises(BackendError, match="not_a_backend"):
+        select_backend(cpu, torch.float32, varlen=True, sparse=True)
+    monkeypatch.setenv("SPARSE_ATTN_BACKEND", "flash_attn")
+    with pytest.raises(BackendError, match="CUDA"):
+        select_backend(cpu, torch.float16, varlen=True, sparse=True)
+    monkeypatch.setenv("SPARSE_ATTN_BACKEND", "sdpa")
+    assert select_backend(cpu, torch.float32, varlen=True, sparse=True) == "torch"
+    monkeypatch.setenv("ATTN_BACKEND", "xformers")
+    with pytest.raises(BackendError, match="CUDA"):
+        MultiHeadAttention(8, 2)(torch.randn(1, 3, 8))
+
+
+# ----------------------------------------------------------------------------- norm / rope
+def test_multihead_rms_norm_formula_and_dtype():
+    torch.manual_seed(3)
+    norm = MultiHeadRMSNorm(8, 3)
+    with torch.no_grad():
+        norm.gamma.copy_(torch.rand(3, 8) + 0.5)
+    x = torch.randn(2, 5, 3, 8)
+    ref = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) * norm.gamma * math.sqrt(8)
+    torch.testing.assert_close(norm(x), ref)
+    xh = x.half()
+    y = norm(xh)
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), ref, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="MultiHeadRMSNorm"):
+        norm(torch.randn(2, 4, 8))
+
+
+def test_rope_is_relative_and_norm_preserving():
+    torch.manual_seed(4)
+    rope = RotaryPositionEmbedder(16, in_channels=3)
+    q, k = torch.randn(1, 2, 16, dtype=torch.float64), torch.randn(1, 2, 16, dtype=torch.float64)
+    p1, p2 = torch.tensor([[3, 5, 7]]), torch.tensor([[1, 9, 2]])
+    shift = torch.tensor([[4, -2, 6]])
+    a1 = rope.angles(p1).double()
+    a2 = rope.angles(p2).double()
+    b1 = rope.angles(p1 + shift).double()
+    b2 = rope.angles(p2 + shift).double()
+    dot_a = (rope.rotate(q, a1) * rope.rotate(k, a2)).sum(-1)
+    dot_b = (rope.rotate(q, b1) * rope.rotate(k, b2)).sum(-1)
+    torch.testing.assert_close(dot_a, dot_b, rtol=1e-5, atol=1e-5)  # fp32 angles
+    torch.testing.assert_close(rope.rotate(q, a1).norm(dim=-1), q.norm(dim=-1))
+    assert not torch.allclose(rope.rotate(q, a1), q)
+
+
+# ----------------------------------------------------------------------------- dense module
+def _manual_mha(m: MultiHeadAttention, x: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+    """Float64 oracle built from the module's weights with explicit softmax."""
+    B, L, C = x.shape
+    H, d = m.num_heads, m.head_dim
+    if ctx is None:
+        qkv = x @ m.to_qkv.weight.T + m.to_qkv.bias
+        q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+    else:
+        q = x @ m.to_q.weight.T + m.to_q.bias
+        kv = ctx @ m.to_kv.weight.T + m.to_kv.bias
+        k, v = kv[..., :C], kv[..., C:]
+    q, k, v = (t.reshape(B, -1, H, d) for t in (q, k, v))
+    if m.qk_rms_norm:
+        q = q / q.norm(dim=-1, keepdim=True) * m.q_rms_norm.gamma * math.sqrt(d)
+        k = k / k.norm(dim=-1, keepdim=True) * m.k_rms_norm.gamma * math.sqrt(d)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    o = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v).reshape(B, L, C)
+    return o @ m.to_out.weight.T + m.to_out.bias
+
+
+@pytest.mark.parametrize("kind,qk_norm", [("self", False), ("self", True), ("cross", True)])
+def test_dense_mha_matches_manual(kind, qk_norm):
+    torch.manual_seed(5)
+    C, H = 32, 4
+    m = MultiHeadAttention(C, H, ctx_channels=24 if kind == "cross" else None, type=kind, qk_rms_norm=qk_norm)
+    m = m.double()
+    if qk_norm:
+        with torch.no_grad():
+            m.q_rms_norm.gamma.uniform_(0.5, 1.5)
+            m.k_rms_norm.gamma.uniform_(0.5, 1.5)
+    x = _rand(2, 7, C)
+    ctx = _rand(2, 5, 24) if kind == "cross" else None
+    out = m(x, ctx) if ctx is not None else m(x)
+    ref = _manual_mha(m, x, ctx)
+    tol = 1e-5 if qk_norm else 1e-9  # the RMS norm computes in float32 by contract
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    params = [p for p in m.parameters()]
+    g = torch.randn_like(out)
+    inputs = [x] + ([ctx] if ctx is not None else [])
+    ga = torch.autograd.grad(out, params + inputs, g)
+    gb = torch.autograd.grad(ref, params + inputs, g)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_dense_mha_keys_and_errors():
+    m = MultiHeadAttention(1280, 16, ctx_channels=768, type="cross", qk_rms_norm=True)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes == {
+        "to_q.weight": (1280, 1280), "to_q.bias": (1280,), "to_kv.weight": (2560, 768), "to_kv.bias": (2560,),
+        "q_rms_norm.gamma": (16, 80), "k_rms_norm.gamma": (16, 80), "to_out.weight": (1280, 1280),
+        "to_out.bias": (1280,),
+    }
+    assert list(MultiHeadAttention(64, 4).state_dict()) == ["to_qkv.weight", "to_qkv.bias", "to_out.weight",
+                                                            "to_out.bias"]
+    with pytest.raises(ValueError, match="attn_mode"):
+        MultiHeadAttention(64, 4, attn_mode="windowed")
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(65, 4)
+    with pytest.raises(ValueError, match="context"):
+        MultiHeadAttention(64, 4, type="cross")(torch.randn(1, 3, 64))
+
+
+def test_dense_mha_rope_changes_output_and_runs_backward():
+    torch.manual_seed(6)
+    m = MultiHeadAttention(32, 2, use_rope=True)
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    y = m(x)
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    plain = MultiHeadAttention(32, 2)
+    plain.load_state_dict(m.state_dict())
+    assert not torch.allclose(plain(x), y)
+
+
+# ----------------------------------------------------------------------------- triton kernel
+def _triton_check(device: str, dtype: torch.dtype, tol: float, block: int | None) -> None:
+    from trellis.modules.attention import triton_varlen as tv
+
+    old = dict(tv.BLOCK_CONFIG)
+    if block is not None:
+        tv.BLOCK_CONFIG.update({k: (block, block, 4) for k in old})
+    try:
+        torch.manual_seed(7)
+        lens, lens_kv = [5, 0, 17, 40, 1, 130], [3, 2, 20, 33, 7, 64]
+        cu, cu_kv = _cu(lens).to(device), _cu(lens_kv).to(device)
+        T, Tk, H, d = sum(lens), sum(lens_kv), 2, 64
+        for gather in (False, True):
+            qkv = torch.randn(T, 3, H, d, device=device, dtype=dtype, requires_grad=True)
+            q, k, v = qkv.unbind(1)
+            ck = torch.randn(Tk, H, d, device=device, dtype=dtype, requires_grad=True)
+            cv = torch.randn(Tk, H, d, device=device, dtype=dtype, requires_grad=True)
+            perm = torch.randperm(T, device=device) if gather else None
+            for plan, kk, vv, leaves in ((VarlenPlan(cu, index_q=perm), k, v, (qkv,)),
+                                         (VarlenPlan(cu, cu_kv, index_q=perm), ck, cv, (qkv, ck, cv))):
+                out = attention_with_plan(q, kk, vv, plan, backend="triton")
+                ref = attention_with_plan(q.double(), kk.double(), vv.double(), plan, backend="torch")
+                g = torch.randn_like(out)
+                ga = torch.autograd.grad(out, leaves, g)
+                gb = torch.autograd.grad(ref, leaves, g.double())
+                for a, b in [(out, ref), *zip(ga, gb)]:
+                    err = (a.double() - b).norm() / b.norm()
+                    assert err < tol, f"relative error {err:.2e} (gather={gather})"
+    finally:
+        tv.BLOCK_CONFIG.update(old)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernel_interpreter(monkeypatch):
+    """Runs the Triton kernels on the CPU through TRITON_INTERPRET when triton is installed."""
+    if torch.cuda.is_available():
+        pytest.skip("covered by the GPU test")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _triton_check("cpu", torch.float32, 1e-5, block=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_triton_kernel_gpu(dtype, tol):
+    _triton_check("cuda", dtype, tol, block=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "torch_varlen", "triton"])
+def test_cuda_backends_match_reference(backend):
+    from trellis.modules.attention.backend import backend_unavailable_reason
+
+    dev = torch.device("cuda")
+    reason = backend_unavailable_reason(backend, dev, torch.bfloat16, varlen=True)
+    if reason is not None:
+        pytest.skip(reason)
+    torch.manual_seed(8)
+    lens = [100, 7, 300, 64, 2000]
+    cu = _cu(lens).to(dev)
+    T, H, d = sum(lens), 4, 64
+    q, k, v = (torch.randn(T, H, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    perm = torch.randperm(T, device=dev)
+    plan = VarlenPlan(cu, index_q=perm)
+    out = attention_with_plan(q, k, v, plan, backend=backend)
+    ref = attention_with_plan(q.double(), k.double(), v.double(), plan, backend="torch")
+    g = torch.randn_like(out)
+    for a, b in [(out, ref), *zip(torch.autograd.grad(out, (q, k, v), g),
+                                  torch.autograd.grad(ref, (q, k, v), g.double()))]:
+        assert (a.double() - b).norm() / b.norm() < 2e-2
