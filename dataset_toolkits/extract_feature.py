@@ -24,14 +24,17 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dataset_toolkits.stage import Stage, add_common_args, parse_instances, run_stage, stage_exit_code
 from trellis.datasets.components import load_transforms
-from trellis.encoders.dinov2 import DinoV2ViT, load_dinov2, normalize_images
+from trellis.encoders.dinov2 import PRESETS, DinoV2ViT, load_dinov2, normalize_images
 from trellis.utils.geometry import c2w_blender_to_extrinsics, fov_to_intrinsics
 from trellis.utils.ply import read_voxel_ply
 
@@ -117,9 +120,10 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def write_model_info(root: str, model: str, vit: DinoV2ViT) -> None:
-    info = {"model": model, "channels": vit.embed_dim, "image_size": IMAGE_SIZE,
-            "grid": IMAGE_SIZE // vit.cfg.patch_size}
+def write_model_info(root: str, model: str) -> None:
+    """``features/<model>/model.json``: the model name and its channel count (the npz width)."""
+    cfg = PRESETS[model]
+    info = {"model": model, "channels": cfg.embed_dim, "image_size": IMAGE_SIZE, "grid": IMAGE_SIZE // cfg.patch_size}
     path = os.path.join(root, "features", model, "model.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -127,35 +131,48 @@ def write_model_info(root: str, model: str, vit: DinoV2ViT) -> None:
     os.replace(path + ".tmp", path)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _setup(model: str, weights: str | None, device: str | None) -> tuple[DinoV2ViT, torch.device]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return load_dinov2(model, weights).to(dev), dev
+
+
+def _select(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["rendered"].astype(bool) & df["voxelized"].astype(bool)]
+
+
+def _check_done(model: str, root: str, row: dict) -> dict | None:
+    path = os.path.join(root, "features", model, f"{row['sha256']}.npz")
+    return {f"feature_{model}": True} if os.path.isfile(path) else None
+
+
+def _process(model: str, batch_size: int, root: str, row: dict, ctx: tuple) -> dict:
+    vit, device = ctx
+    extract_one(vit, root, row["sha256"], model, batch_size, device)
+    return {f"feature_{model}": True}
+
+
+def make_stage(model: str = "dinov2_vitl14_reg", weights: str | None = None, batch_size: int = 16,
+               device: str | None = None) -> Stage:
+    """The ``feature_<model>`` stage for ``run_stage`` (the ViT is built once per worker by ``setup``)."""
+    return Stage(name=f"feature_{model}", columns=[f"feature_{model}"],
+                 process=partial(_process, model, batch_size), select=_select,
+                 check_done=partial(_check_done, model), setup=partial(_setup, model, weights, device))
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", required=True, help="dataset root (holds metadata.csv)")
+    add_common_args(p)
     p.add_argument("--model", default="dinov2_vitl14_reg", help="dinov2_vitl14_reg, or tiny (random, tests)")
     p.add_argument("--weights", default=None, help="checkpoint file or HF directory (default: $TRELLIS_WEIGHTS_DIR)")
     p.add_argument("--batch_size", type=int, default=16, help="views per ViT forward")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--world_size", type=int, default=1)
-    p.add_argument("--instances", default=None, help="comma list of sha256 or a file with one per line")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from dataset_toolkits._stage import run_object_stage
-
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vit = load_dinov2(args.model, args.weights).to(device)
-    write_model_info(args.output_dir, args.model, vit)
-
-    def process(sha256: str) -> None:
-        extract_one(vit, args.output_dir, sha256, args.model, args.batch_size, device)
-
-    return run_object_stage(
-        root=args.output_dir, record=f"feature_{args.model}", requires=("rendered", "voxelized"),
-        output=lambda sha: os.path.join(args.output_dir, "features", args.model, f"{sha}.npz"),
-        process=process, rank=args.rank, world_size=args.world_size, instances=args.instances,
-    )
+    args = p.parse_args(argv)
+    write_model_info(args.output_dir, args.model)
+    counts = run_stage(make_stage(args.model, args.weights, args.batch_size, args.device), args.output_dir,
+                       rank=args.rank, world_size=args.world_size, max_workers=args.max_workers,
+                       instances=parse_instances(args.instances), retry_failed=args.retry_failed,
+                       merge=not args.no_merge, progress=not args.no_progress)
+    return stage_exit_code(counts)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,23 @@ def test_projection_convention():
 def test_bad_voxels_named(tmp_path):
     with pytest.raises(ValueError, match="bad.ply"):
         voxel_indices(np.array([[0.6, 0.0, 0.0]]), "bad.ply")
+
+
+def test_cli_writes_records_and_model_info(tmp_path):
+    import pandas as pd
+
+    from dataset_toolkits import extract_feature
+
+    root = str(tmp_path)
+    make_object(root, num_views=2)
+    pd.DataFrame([{"sha256": SHA, "rendered": True, "voxelized": True, "num_voxels": 40},
+                  {"sha256": "cd" * 32, "rendered": True, "voxelized": True, "num_voxels": 5}]).to_csv(
+        os.path.join(root, "metadata.csv"), index=False)
+    rc = extract_feature.main(["--output_dir", root, "--model", "tiny", "--device", "cpu", "--no_progress"])
+    assert rc == 0
+    meta = pd.read_csv(os.path.join(root, "metadata.csv"), dtype={"sha256": str}).set_index("sha256")
+    assert bool(meta.loc[SHA, "feature_tiny"]) and not bool(meta.loc["cd" * 32, "feature_tiny"])
+    info = json.load(open(os.path.join(root, "features", "tiny", "model.json")))
+    assert info["channels"] == 64
+    failures = open(os.path.join(root, "failed_feature_tiny_0.csv")).read()
+    assert f"voxels/{'cd' * 32}.ply" in failures
