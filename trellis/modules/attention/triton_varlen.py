@@ -187,6 +187,21 @@ def _bwd_q_kernel(
     tl.store(DQ + rows_q[:, None] * sdq_r + h * sdq_h + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
+@triton.jit
+def _delta_kernel(OUT, DO, DELTA, n_rows, n_heads, so_r, so_h, sdo_r, sdo_h, D,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DELTA[t, h] = sum_j O[t, h, j] * DO[t, h, j] in float32, over flat rows r = t * H + h."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = r < n_rows
+    t = (r // n_heads).to(tl.int64)
+    h = (r % n_heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = mask_r[:, None] & (offs_d < D)[None, :]
+    o = tl.load(OUT + (t * so_r + h * so_h)[:, None] + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + (t * sdo_r + h * sdo_h)[:, None] + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(o * do, 1), mask=mask_r)
+
+
 def _block_table(lens: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per program: (sequence id, first row inside the sequence) for blocks of ``block`` rows."""
     n = torch.tensor(lens, dtype=torch.long)
@@ -250,7 +265,14 @@ class _TritonVarlenAttention(torch.autograd.Function):
         dev = q.device
         cu_q, cu_kv = plan.device_tensors(dev)
         iq, ik = _index(plan, "q", dev), _index(plan, "kv", dev)
-        delta = (do.float() * o.float()).sum(-1)  # [T_q, H]
+        delta = torch.empty(T_q, H, dtype=torch.float32, device=dev)  # rowsum(dO * O)
+        block_d = _meta(q)["BLOCK_D"]
+        block_r = max(1, 4096 // block_d)
+        if T_q * H > 0:
+            _delta_kernel[(triton.cdiv(T_q * H, block_r),)](
+                o, do, delta, T_q * H, H, o.stride(0), o.stride(1), do.stride(0), do.stride(1), d,
+                BLOCK_R=block_r, BLOCK_D=block_d,
+            )
         dq = torch.empty(T_q, H, d, dtype=q.dtype, device=dev)
         dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
         dv = torch.empty(v.shape, dtype=v.dtype, device=dev)

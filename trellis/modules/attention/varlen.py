@@ -17,6 +17,7 @@ key-padding mask (no Python loop per sequence); others call fused varlen kernels
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -239,7 +240,11 @@ def _attention_fused(q, k, v, plan: VarlenPlan, scale: float, backend: str) -> t
     if backend == "torch_varlen":
         from torch.nn.attention.varlen import varlen_attn
 
-        out = varlen_attn(qg, kg, vg, cu_q, cu_kv, plan.max_q, plan.max_kv, scale=scale)
+        if "scale" in inspect.signature(varlen_attn).parameters:
+            out = varlen_attn(qg, kg, vg, cu_q, cu_kv, plan.max_q, plan.max_kv, scale=scale)
+        else:  # older torch: default scale only; fold ours into q
+            qg = qg * (scale * math.sqrt(q.shape[-1]))
+            out = varlen_attn(qg, kg, vg, cu_q, cu_kv, plan.max_q, plan.max_kv)
     elif backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 

@@ -1,0 +1,281 @@
+"""Attention micro-benchmarks: sparse swin / full / cross attention per backend vs dense SDPA.
+
+Conventions: /work/shared/BENCHMARKING.md. CUDA-event timing after warm-up, median of ``--reps``.
+Forward FLOPs: self-attention 4 * L^2 * C per sequence (per window for swin), cross 4 * Lq * Lkv * C;
+fwd+bwd counts 3x the forward. Only the attention core is timed (no q/k/v/out projections); q, k and
+v are views of one ``[N, 3, H, d]`` projection output, as in the layers.
+
+    python scripts/bench_attention.py                 # all cases, every available backend
+    python scripts/bench_attention.py --cases swin8_shells --json out.json
+
+``CASES`` is a list of ``(name, builder)``; ``scripts/bench_sparse.py`` can import and run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trellis.modules.attention.backend import backend_unavailable_reason  # noqa: E402
+from trellis.modules.attention.varlen import VarlenPlan, attention_with_plan  # noqa: E402
+from trellis.modules.sparse import SparseTensor  # noqa: E402
+from trellis.modules.sparse.attention import full_plan, window_plan  # noqa: E402
+
+VARLEN_BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton")
+
+
+# ----------------------------------------------------------------------------- workloads
+def superellipsoid(res: int, gen: torch.Generator) -> torch.Tensor:
+    """Inside of one random superellipsoid on a ``res^3`` grid -> ``[R, R, R]`` bool (BENCHMARKING.md)."""
+    ax = torch.arange(res, dtype=torch.float32) + 0.5
+    X, Y, Z = torch.meshgrid(ax, ax, ax, indexing="ij")
+    ctr = res * (0.4 + 0.2 * torch.rand(3, generator=gen))
+    rad = res * (0.25 + 0.15 * torch.rand(3, generator=gen))
+    p = 2.0 + 2.0 * float(torch.rand(1, generator=gen))
+    inside = ((X - ctr[0]).abs() / rad[0]) ** p + ((Y - ctr[1]).abs() / rad[1]) ** p \
+        + ((Z - ctr[2]).abs() / rad[2]) ** p <= 1
+    return inside
+
+
+def surface(inside: torch.Tensor) -> torch.Tensor:
+    """Voxels of ``inside`` ``[R, R, R]`` bool with at least one empty 6-neighbour -> ``[R, R, R]`` bool."""
+    p = F.pad(inside[None, None].float(), (1, 1, 1, 1, 1, 1))[0, 0].bool()  # [R+2, R+2, R+2]
+    c = slice(1, -1)
+    interior = (p[2:, c, c] & p[:-2, c, c] & p[c, 2:, c] & p[c, :-2, c] & p[c, c, 2:] & p[c, c, :-2])
+    return inside & ~interior
+
+
+def objects(batch: int, shells_per_object: int, res: int = 64, seed: int = 0) -> torch.Tensor:
+    """``[N, 4]`` int32 coords of ``batch`` objects, each the union of ``shells_per_object`` shells."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(batch):
+        surf = torch.zeros(res, res, res, dtype=torch.bool)
+        for _ in range(shells_per_object):
+            surf |= surface(superellipsoid(res, gen))
+        xyz = torch.nonzero(surf)
+        rows.append(torch.cat([torch.full((xyz.shape[0], 1), b), xyz], dim=1))
+    return torch.cat(rows).int()
+
+
+# ----------------------------------------------------------------------------- timing
+def cuda_median_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def peak_matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = cuda_median_ms(lambda: a @ b, 3, 10)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def self_flops(lens: list[int], C: int) -> float:
+    return sum(4.0 * n * n * C for n in lens)
+
+
+def time_varlen(q, k, v, plan: VarlenPlan, backend: str, args) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of ``attention_with_plan``."""
+    leaves = [t for t in {id(x.base if x.base is not None else x): (x.base if x.base is not None else x)
+                          for x in (q, k, v)}.values()]
+    g = torch.randn(q.shape, device=q.device, dtype=q.dtype)
+
+    def fwd():
+        with torch.no_grad():
+            return attention_with_plan(q, k, v, plan, backend=backend)
+
+    def fwd_bwd():
+        out = attention_with_plan(q, k, v, plan, backend=backend)
+        torch.autograd.grad(out, leaves, g)
+
+    return cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
+
+
+def time_dense(B: int, L: int, H: int, d: int, dtype, args, Lkv: int | None = None) -> tuple[float, float]:
+    """Dense SDPA ``[B, H, L, d]`` (flash / cuDNN chosen by torch)."""
+    Lkv = L if Lkv is None else Lkv
+    q = torch.randn(B, H, L, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(B, H, Lkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, Lkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def fwd_bwd():
+        torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), g)
+
+    return cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
+
+
+def _row(case: str, backend: str, flops: float, t_f: float, t_fb: float, extra: str = "") -> dict:
+    return {"case": case, "backend": backend, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+            "fwd_tflops": flops / t_f / 1e9, "fwd_bwd_tflops": 3 * flops / t_fb / 1e9, "note": extra}
+
+
+def _backends(dtype, args) -> list[str]:
+    out = []
+    for b in args.backends:
+        reason = backend_unavailable_reason(b, torch.device("cuda"), dtype, varlen=True)
+        if reason is None:
+            out.append(b)
+        else:
+            print(f"  skip {b}: {reason}")
+    return out
+
+
+def _triton_configs(args) -> list[tuple]:
+    return [tuple(int(v) for v in c.split(",")) for c in args.triton_configs]
+
+
+def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, args, dense_L: int | None) -> list[dict]:
+    dtype = torch.bfloat16
+    x = SparseTensor(torch.zeros(coords.shape[0], 1, device="cuda"), coords.cuda())
+    plan = plan_fn(x)
+    lens = plan.lens_q
+    flops = self_flops(lens, C)
+    d = C // H
+    N = coords.shape[0]
+    print(f"[{name}] N={N} seqs={plan.num_seqs} mean_len={N / max(1, plan.num_seqs):.1f} max_len={plan.max_q} "
+          f"fwd GFLOP={flops / 1e9:.2f}")
+    qkv = torch.randn(N, 3, H, d, device="cuda", dtype=dtype, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    rows = []
+    for backend in _backends(dtype, args):
+        configs = _triton_configs(args) if backend == "triton" else [None]
+        for cfg in configs:
+            note = ""
+            if cfg is not None:
+                from trellis.modules.attention import triton_varlen as tv
+
+                tv.BLOCK_CONFIG.update({"fwd": cfg[0:3], "bwd_kv": cfg[3:6], "bwd_q": cfg[6:9]})
+                note = "cfg=" + ",".join(map(str, cfg))
+            try:
+                t_f, t_fb = time_varlen(q, k, v, plan, backend, args)
+            except (RuntimeError, ValueError) as e:  # report and continue with the other backends
+                print(f"  {backend} {note} failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            rows.append(_row(name, backend, flops, t_f, t_fb, note))
+            print(_fmt(rows[-1]))
+    if dense_L is not None:
+        B = max(1, round(N / dense_L))
+        t_f, t_fb = time_dense(B, dense_L, H, d, dtype, args)
+        rows.append(_row(name, f"dense_sdpa[{B}x{dense_L}]", B * 4.0 * dense_L * dense_L * C, t_f, t_fb))
+        print(_fmt(rows[-1]))
+    return rows
+
+
+def _fmt(r: dict) -> str:
+    return (f"  {r['backend']:<22} fwd {r['fwd_ms']:8.3f} ms {r['fwd_tflops']:7.1f} TF/s | fwd+bwd "
+            f"{r['fwd_bwd_ms']:8.3f} ms {r['fwd_bwd_tflops']:7.1f} TF/s {r['note']}")
+
+
+# ----------------------------------------------------------------------------- cases
+def case_swin8_shells(args) -> list[dict]:
+    """swin-8 (shift 4) over 8 single-shell objects at 64^3, C 768, 12 heads; dense at equal tokens."""
+    coords = objects(8, 1, seed=1)
+    return run_varlen_case("swin8_shells_C768", coords, lambda x: window_plan(x, (8, 8, 8), (4, 4, 4)),
+                           768, 12, args, dense_L=coords.shape[0] // 8)
+
+
+def case_swin8_objects(args) -> list[dict]:
+    """swin-8 (shift 0) over 4 standard objects (3 shells each, ~16k voxels), C 768, 12 heads."""
+    coords = objects(4, 3, seed=2)
+    return run_varlen_case("swin8_objects_C768", coords, lambda x: window_plan(x, (8, 8, 8), (0, 0, 0)),
+                           768, 12, args, dense_L=None)
+
+
+def case_full_objects(args) -> list[dict]:
+    """Full attention over 8 sequences of 2k-8k tokens, C 1024, 16 heads; dense SDPA at equal tokens."""
+    gen = torch.Generator().manual_seed(3)
+    lens = torch.randint(2048, 8193, (8,), generator=gen)
+    coords = torch.cat([torch.cat([torch.full((int(n), 1), b), torch.zeros(int(n), 3, dtype=torch.long)], 1)
+                        for b, n in enumerate(lens)]).int()
+    return run_varlen_case("full_2k-8k_C1024", coords, full_plan, 1024, 16, args,
+                           dense_L=int(lens.sum()) // 8)
+
+
+def case_cross(args) -> list[dict]:
+    """Cross-attention of 8 x 4k voxels to 1374 image tokens, C 1024, 16 heads."""
+    dtype, C, H, B, Lq, Lc = torch.bfloat16, 1024, 16, 8, 4096, 1374
+    d = C // H
+    cu_q = (torch.arange(B + 1) * Lq).int().cuda()
+    cu_kv = (torch.arange(B + 1) * Lc).int().cuda()
+    plan = VarlenPlan(cu_q, cu_kv)
+    q = torch.randn(B * Lq, H, d, device="cuda", dtype=dtype, requires_grad=True)
+    kv = torch.randn(B * Lc, 2, H, d, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = kv.unbind(1)
+    flops = B * 4.0 * Lq * Lc * C
+    print(f"[cross_4k_x_1374] fwd GFLOP={flops / 1e9:.2f}")
+    rows = []
+    for backend in _backends(dtype, args):
+        try:
+            t_f, t_fb = time_varlen(q, k, v, plan, backend, args)
+        except (RuntimeError, ValueError) as e:
+            print(f"  {backend} failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        rows.append(_row("cross_4k_x_1374", backend, flops, t_f, t_fb))
+        print(_fmt(rows[-1]))
+    t_f, t_fb = time_dense(B, Lq, H, d, dtype, args, Lkv=Lc)
+    rows.append(_row("cross_4k_x_1374", "dense_sdpa", flops, t_f, t_fb))
+    print(_fmt(rows[-1]))
+    return rows
+
+
+CASES: list[tuple[str, Callable]] = [
+    ("swin8_shells", case_swin8_shells),
+    ("swin8_objects", case_swin8_objects),
+    ("full_objects", case_full_objects),
+    ("cross", case_cross),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="*", default=[n for n, _ in CASES])
+    ap.add_argument("--backends", nargs="*", default=list(VARLEN_BACKENDS))
+    ap.add_argument("--triton-configs", nargs="*", default=["64,64,4,64,64,4,64,64,4"],
+                    help="BM,BN,warps for fwd, bwd_kv, bwd_q (9 ints each)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention.py needs a CUDA device")
+    peak = peak_matmul_tflops()
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}; bf16 8192^3 matmul {peak:.0f} TFLOP/s")
+    rows = []
+    for name, fn in CASES:
+        if name in args.cases:
+            rows += fn(args)
+    print("\ncase                   backend                 fwd ms  fwd TF/s  fwd+bwd ms  fwd+bwd TF/s  note")
+    for r in rows:
+        print(f"{r['case']:<22} {r['backend']:<22} {r['fwd_ms']:7.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_ms']:10.3f} "
+              f"{r['fwd_bwd_tflops']:12.1f}  {r['note']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "peak_tflops": peak,
+                                               "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
