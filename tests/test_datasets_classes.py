@@ -259,3 +259,24 @@ def test_bad_files_are_named(tmp_path):
         SLat(root, latent_model="nope")
     with pytest.raises(ValueError, match="normalization"):
         SLat(root, latent_model="lat", normalization={"mean": [0.0]})
+
+
+def test_original_config_dataset_args_validate():
+    import glob
+
+    from trellis.config import INJECTED_ARGS, ConfigError, check_spec
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted(glob.glob(os.path.join(repo, "configs", "vae", "*.json"))
+                   + glob.glob(os.path.join(repo, "configs", "generation", "*.json")))
+    checked = 0
+    for path in files:
+        spec = json.load(open(path))["dataset"]
+        if spec["name"] == "SparseStructure":
+            continue  # the lead's class
+        check_spec(DATASETS, spec, "dataset", INJECTED_ARGS["dataset"])
+        checked += 1
+    assert checked == 11
+    with pytest.raises(ConfigError, match="did you mean 'image_size'"):
+        check_spec(DATASETS, {"name": "ImageConditionedSLat", "args": {"latent_model": "x", "image_sise": 5}},
+                   "dataset", INJECTED_ARGS["dataset"])
