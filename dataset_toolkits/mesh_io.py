@@ -91,7 +91,7 @@ def _part_colors(mesh, textures: List[np.ndarray], warnings: List[str], name: st
         colors = np.broadcast_to(base_rgb, (nf, 3, 3))
         uv = getattr(visual, "uv", None)
         if image is not None and uv is not None and len(uv) == len(mesh.vertices):
-            textures.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+            textures.append(np.array(image.convert("RGB"), dtype=np.uint8))
             tex_id[:] = len(textures) - 1
             uvs = np.asarray(uv, dtype=np.float32)[faces]  # [F, 3, 2]
         elif image is not None:

@@ -119,8 +119,7 @@ def lamp() -> trimesh.Trimesh:
     base = _cyl(0.2, 0.04, [0, 0, 0.02], sections=32)
     stem = _cyl(0.025, 0.7, [0, 0, 0.39], sections=12)
     shade = trimesh.creation.cone(radius=0.3, height=0.35, sections=32)
-    shade.apply_transform(trimesh.transformations.rotation_matrix(np.pi, [1, 0, 0]))
-    shade.apply_translation([0, 0, 1.0])
+    shade.apply_translation([0, 0, 0.68])
     return trimesh.util.concatenate([base, stem, shade])
 
 
