@@ -252,7 +252,7 @@ def merge_records(root: str, df: pd.DataFrame) -> Tuple[pd.DataFrame, Dict[str, 
     df = ensure_flag_columns(root, df, extra=pending.keys())
     merged_dir = os.path.join(root, "merged_records")
     counts: Dict[str, int] = {}
-    order = ["downloaded"] + [s for s in BASE_FLAGS] + sorted(s for s in pending if s not in BASE_FLAGS)
+    order = ["downloaded"] + [s for s in BASE_FLAGS] + sorted(s for s in pending if s not in BASE_FLAGS and s != "downloaded")
     for stage in order:
         if stage not in pending or (stage != "downloaded" and stage not in df.columns):
             continue
@@ -260,6 +260,8 @@ def merge_records(root: str, df: pd.DataFrame) -> Tuple[pd.DataFrame, Dict[str, 
         frames = []
         for path in pending[stage]:
             dest = os.path.join(merged_dir, f"{int(time.time())}_{os.path.basename(path)}")
+            if os.path.exists(dest):  # merged twice within one second
+                dest = os.path.join(merged_dir, f"{int(time.time())}_{time.time_ns()}_{os.path.basename(path)}")
             os.replace(path, dest)  # move first: later appends start a new file
             frames.append(read_records(dest))
         rec = pd.concat(frames, ignore_index=True).drop_duplicates("sha256", keep="last").set_index("sha256")
