@@ -108,6 +108,7 @@ def test_sparse_feat2render_shapes_and_funnel(root):
     assert batch["feats"].coords.shape == (15 + 20, 4) and batch["feats"].coords.dtype == torch.int32
     assert batch["feats"].coords[:15, 0].eq(0).all() and batch["feats"].coords[15:, 0].eq(1).all()
     assert batch["image"].shape == (2, 3, SIZE, SIZE) and batch["extrinsics"].shape == (2, 4, 4)
+    assert batch["_index"].tolist() == [0, 1]
     resized = SparseFeat2Render(root, image_size=16, model="tiny", min_aesthetic_score=0)[0]
     assert resized["image"].shape == (3, 16, 16) and resized["alpha"].shape == (16, 16)
 
@@ -197,6 +198,7 @@ def test_slat_normalisation_loads_and_split_collate(root):
     for p in packs:
         assert p["x_0"].coords[:, 0].max().item() == p["x_0"].batch_size - 1
     assert packs[0]["_failed"] == [] and packs[1]["_failed"] == []
+    assert sorted(packs[0]["_index"].tolist() + packs[1]["_index"].tolist()) == list(range(6))
     packed = pickle.loads(pickle.dumps(packs[0]))
     assert torch.equal(packed["x_0"].feats, packs[0]["x_0"].feats)
     txt = TextConditionedSLat(root, latent_model="lat", min_aesthetic_score=0)

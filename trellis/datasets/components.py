@@ -78,9 +78,11 @@ class KeyedDataset(StandardDatasetBase):
         root, sha = self.instances[int(index)]
         rng = sample_rng(index, self.seed, self.epoch, type(self).__name__)
         try:
-            return self.get_instance(root, sha, rng)
+            sample = self.get_instance(root, sha, rng)
         except ASSET_ERRORS as e:
             return FailedSample(root, sha, f"{type(e).__name__}: {e}")
+        sample["_index"] = int(index)  # as StandardDatasetBase: lets the trainer key per-sample randomness
+        return sample
 
     def get_instance(self, root: str, sha256: str, rng: np.random.Generator | None = None) -> dict[str, Any]:
         raise NotImplementedError
@@ -259,7 +261,9 @@ def collate_sparse(batch: list[Any], sparse_key: str) -> dict[str, Any]:
         if key in ("coords", "feats"):
             continue
         values = [b[key] for b in good]
-        if isinstance(values[0], torch.Tensor):
+        if key == "_index":
+            out[key] = torch.tensor(values, dtype=torch.long)  # [B], as default_collate makes it
+        elif isinstance(values[0], torch.Tensor):
             out[key] = torch.stack(values)
         elif isinstance(values[0], list):
             out[key] = [v for vs in values for v in vs]
