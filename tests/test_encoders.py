@@ -1,5 +1,6 @@
 """DINOv2 / CLIP loaders and the flow conditioners (CPU, tiny random models, no downloads)."""
 
+import json
 import math
 
 import pytest
@@ -110,7 +111,7 @@ def test_vitl_preset_has_official_shapes():
     assert abs(sum(v.numel() for v in sd.values()) / 1e6 - 304.37) < 0.1
 
 
-def test_hf_layout_converts_to_official():
+def test_hf_layout_converts_to_official(tmp_path):
     cfg = PRESETS["tiny"]
     sd = _official_names_state_dict(cfg)
     d = cfg.embed_dim
@@ -135,6 +136,17 @@ def test_hf_layout_converts_to_official():
     assert set(conv) == set(sd)
     for k in sd:
         assert torch.equal(conv[k], sd[k]), k
+    # a local Hugging Face directory loads through the same conversion
+    from safetensors.torch import save_file
+
+    hf_dir = tmp_path / "dinov2-with-registers-tiny"
+    hf_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(hf_dir / "model.safetensors"))
+    (hf_dir / "config.json").write_text(json.dumps({
+        "hidden_size": d, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads, "mlp_ratio": 4,
+        "patch_size": 14, "image_size": 518, "num_register_tokens": 4, "layer_norm_eps": 1e-6}))
+    vit = load_dinov2("tiny", weights=hf_dir)
+    assert torch.equal(vit.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
 
 
 def test_tiny_is_deterministic_and_pos_embed_interpolates():
