@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from trellis.models.structured_latent_flow import ElasticSLatFlowModel, SLatFlowModel, SparseResBlock3d
 from trellis.modules.embeddings import sincos_position_embedding
 from trellis.modules.sparse.basic import SparseTensor
-from trellis.modules.sparse.transformer import ModulatedSparseTransformerCrossBlock
+from trellis.modules.sparse.transformer import ModulatedSparseTransformerCrossBlock, per_batch_rows
 from trellis.modules.transformer import ModulatedTransformerCrossBlock
 
 TINY = dict(resolution=16, in_channels=4, model_channels=64, cond_channels=32, out_channels=4, num_blocks=2,
@@ -204,3 +204,17 @@ def test_slat_flow_rejects_bad_input() -> None:
         m(x, torch.rand(2), torch.randn(3, 5, 32))
     with pytest.raises(ValueError, match="t must be"):
         m(x, torch.rand(3), torch.randn(2, 5, 32))
+
+
+def test_per_batch_rows_matches_gather_and_its_gradient() -> None:
+    x = _sparse_input(3, counts=(7, 4, 9))
+    v = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    out = per_batch_rows(x, v)
+    assert torch.equal(out, v[x.batch_ids])
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, v, g)
+    ref = torch.zeros_like(v).index_add_(0, x.batch_ids, g)
+    torch.testing.assert_close(grad, ref)
+    assert torch.autograd.gradcheck(lambda w: per_batch_rows(x, w), (v,))
+    with pytest.raises(ValueError, match="per_batch_rows"):
+        per_batch_rows(x, torch.randn(2, 5))

@@ -30,7 +30,7 @@ from trellis.modules.sparse.basic import SparseTensor
 from trellis.modules.sparse.conv import SparseConv3d
 from trellis.modules.sparse.linear import SparseLinear
 from trellis.modules.sparse.spatial import SparseDownsample, SparseUpsample
-from trellis.modules.sparse.transformer import ModulatedSparseTransformerCrossBlock
+from trellis.modules.sparse.transformer import ModulatedSparseTransformerCrossBlock, per_batch_rows
 
 __all__ = ["SparseResBlock3d", "SLatFlowModel", "ElasticSLatFlowModel"]
 
@@ -82,10 +82,10 @@ class SparseResBlock3d(nn.Module):
         """``x`` SparseTensor ``[N, channels]``, ``emb [B, emb_channels]`` -> SparseTensor ``[N', out]``."""
         if self.resample is not None:
             x = self.resample(x)
-        scale, shift = self.emb_layers(emb).to(x.feats.dtype).chunk(2, dim=1)  # [B, out] each
-        bid = x.batch_ids
+        mod = per_batch_rows(x, self.emb_layers(emb).to(x.feats.dtype))  # [B, 2 out] -> [N, 2 out]
+        scale, shift = mod.chunk(2, dim=1)  # scale first
         h = self.conv1(x.replace(F.silu(self.norm1(x.feats))))
-        h = h.replace(F.silu(self.norm2(h.feats) * (1 + scale[bid]) + shift[bid]))
+        h = h.replace(F.silu(self.norm2(h.feats) * (1 + scale) + shift))
         h = self.conv2(h)
         return h.replace(h.feats + self.skip_connection(x).feats)  # Identity passes x through
 
