@@ -152,3 +152,14 @@ def test_ss_flow_rejects_bad_input() -> None:
         m(torch.randn(2, 4, 8, 8, 8), torch.rand(2), torch.randn(2, 3, 31))
     with pytest.raises(ValueError, match="pe_mode"):
         SparseStructureFlowModel(**{**TINY, "pe_mode": "rope"})
+
+
+def test_ss_flow_share_mod_uses_one_top_level_modulation() -> None:
+    torch.manual_seed(0)
+    m = SparseStructureFlowModel(**TINY, share_mod=True)
+    keys = list(m.state_dict())
+    assert "adaLN_modulation.1.weight" in keys and not any(".adaLN_modulation" in k for k in keys)
+    _randomize(m)
+    x, t, cond = torch.randn(1, 4, 8, 8, 8), torch.rand(1) * 1000, torch.randn(1, 3, 32)
+    y = m(x, t, cond)
+    assert y.shape == x.shape and torch.isfinite(y).all()

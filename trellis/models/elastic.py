@@ -56,8 +56,8 @@ class ElasticModuleMixin:
     """
 
     def input_size(self, x: Any) -> int:
-        """Size the memory model scales with: rows of a SparseTensor input (``x.feats.shape[0]``),
-        or ``numel // (B * C)`` tokens of a dense ``[B, C, ...]`` tensor times B."""
+        """Size the memory model scales with: the rows of a SparseTensor input (``x.feats.shape[0]``,
+        voxels of the whole micro-batch), or for a dense ``[B, C, ...]`` tensor ``B * prod(spatial)``."""
         feats = getattr(x, "feats", None)
         if isinstance(feats, torch.Tensor):
             return int(feats.shape[0])
