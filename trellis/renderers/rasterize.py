@@ -158,8 +158,8 @@ def _visibility(sx, sy, zc, faces, height, width, near, max_candidates, zbuf, vi
         cnt = counts[sl]
         rep = torch.repeat_interleave(torch.arange(stop - start_pair, device=cnt.device), cnt)  # [N]
         first = torch.cumsum(cnt, 0) - cnt
-        local = torch.arange(rep.numel(), device=cnt.device) - first[rep]
-        c = coef[sl][rep]  # [N, 9]
+        local = torch.arange(rep.numel(), device=cnt.device) - first.index_select(0, rep)
+        c = coef[sl].index_select(0, rep)  # [N, 9]
         w = c[:, 8].long()
         px = c[:, 6].long() + local % w
         py = c[:, 7].long() + local // w
@@ -170,12 +170,13 @@ def _visibility(sx, sy, zc, faces, height, width, near, max_candidates, zbuf, vi
         b0 = 1.0 - b1 - b2
         eps = -1e-6
         inside = (b0 >= eps) & (b1 >= eps) & (b2 >= eps)
-        izc = iz[sl][rep]
+        izc = iz[sl].index_select(0, rep)
         inv_z = b0 * izc[:, 0] + b1 * izc[:, 1] + b2 * izc[:, 2]
         inside &= inv_z > 0
         depth = (1.0 / inv_z[inside]).float()
-        pix = (view[sl][rep][inside] * height + py[inside]) * width + px[inside]
-        key = (depth.view(torch.int32).long() << 32) | face[sl][rep][inside]
+        sel = rep[inside]
+        pix = (view[sl].index_select(0, sel) * height + py[inside]) * width + px[inside]
+        key = (depth.view(torch.int32).long() << 32) | face[sl].index_select(0, sel)
         zbuf.scatter_reduce_(0, pix, key, reduce="amin")
         start_pair = stop
 
