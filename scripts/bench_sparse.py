@@ -114,7 +114,7 @@ def conv_case(name: str, batch: int, res: int, c_in: int, c_out: int) -> Case:
         x = state["x"]
         return (f"{batch} x {res}^3 shells, {x.coords.shape[0]} voxels, {state['pairs']} pairs "
                 f"({state['pairs'] / x.coords.shape[0]:.1f}/voxel), C {c_in}->{c_out}; "
-                f"kernel map build {state['map_ms']:.2f} ms (once per coordinate set, cached)")
+                f"kernel map build {state['map_ms']:.2f} ms (once per coordinate set, cached); {state.get('check', '')}")
 
     def flops_fwd():
         return 2.0 * state["pairs"] * c_in * c_out
@@ -124,6 +124,13 @@ def conv_case(name: str, batch: int, res: int, c_in: int, c_out: int) -> Case:
         conv = SparseConv3d(c_in, c_out, 3).cuda().to(dtype)
         grad = torch.randn(x.coords.shape[0], c_out, device="cuda", dtype=dtype)
         backends = ["triton", "torch"] + (["spconv"] if has_module("spconv") else [])
+        with torch.no_grad():  # sanity: the benchmarked fast path agrees with the reference
+            outs = {}
+            for backend in ("triton", "torch"):
+                with use_backend("sparse_conv", backend):
+                    outs[backend] = conv(x).feats.float()
+            err = (outs["triton"] - outs["torch"]).abs().max() / outs["torch"].abs().max()
+            state["check"] = f"triton vs torch max rel err {err.item():.1e}"
         for backend in backends:
             def fwd(backend=backend):
                 with torch.no_grad(), use_backend("sparse_conv", backend):

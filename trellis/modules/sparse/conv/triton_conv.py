@@ -35,7 +35,8 @@ def _fwd_configs():
     return [
         triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
         for bn, bk, w, s in [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 4),
-                             (256, 64, 8, 3), (64, 32, 4, 4)]
+                             (256, 64, 8, 3), (64, 32, 4, 4), (64, 128, 4, 3), (128, 128, 8, 2),
+                             (256, 32, 8, 4), (128, 64, 8, 4)]
     ]
 
 
@@ -76,7 +77,8 @@ def _implicit_gemm_kernel(
 def _wgrad_configs():
     return [
         triton.Config({"BMW": bm, "BNW": bn, "BKW": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [(64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3)]
+        for bm, bn, bk, w, s in [(64, 64, 64, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                                 (128, 128, 64, 8, 3), (64, 64, 128, 4, 3), (128, 256, 32, 8, 3)]
     ]
 
 
@@ -109,16 +111,24 @@ def _wgrad_kernel(
                   mask=m_ok[:, None] & n_ok[None, :])
 
 
-# Autotuning needs a GPU driver; under TRITON_INTERPRET=1 (CPU debugging) a fixed config is used.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-if _INTERPRET:
-    _fwd_kernel, _fwd_meta = _implicit_gemm_kernel, {"BN": 32, "BK": 16}
-    _wg_kernel, _wg_meta = _wgrad_kernel, {"BMW": 32, "BNW": 32, "BKW": 16}
-else:
-    _fwd_kernel = triton.autotune(configs=_fwd_configs(), key=["C_in", "C_out", "BM"])(_implicit_gemm_kernel)
-    _wg_kernel = triton.autotune(configs=_wgrad_configs(), key=["C_in", "C_out"],
-                                 reset_to_zero=["dw_ptr"])(_wgrad_kernel)
-    _fwd_meta, _wg_meta = {}, {}
+# Autotuning needs a GPU driver; under TRITON_INTERPRET=1 (CPU debugging) or with
+# TRELLIS_TRITON_AUTOTUNE=0 (fast compiles, e.g. in tests) one fixed config is used. Read per call.
+_FIXED_FWD = {"BN": 64, "BK": 32, "num_warps": 4, "num_stages": 3}
+_FIXED_WG = {"BMW": 64, "BNW": 64, "BKW": 32, "num_warps": 4, "num_stages": 3}
+_TUNED: dict = {}
+
+
+def _kernels() -> tuple:
+    """``(fwd_kernel, fwd_meta, wgrad_kernel, wgrad_meta)`` per the current settings."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return (_implicit_gemm_kernel, {"BN": 32, "BK": 16}, _wgrad_kernel, {"BMW": 32, "BNW": 32, "BKW": 16})
+    if os.environ.get("TRELLIS_TRITON_AUTOTUNE", "1") == "0":
+        return _implicit_gemm_kernel, _FIXED_FWD, _wgrad_kernel, _FIXED_WG
+    if not _TUNED:
+        _TUNED["fwd"] = triton.autotune(configs=_fwd_configs(), key=["C_in", "C_out", "BM"])(_implicit_gemm_kernel)
+        _TUNED["wg"] = triton.autotune(configs=_wgrad_configs(), key=["C_in", "C_out"],
+                                       reset_to_zero=["dw_ptr"])(_wgrad_kernel)
+    return _TUNED["fwd"], {}, _TUNED["wg"], {}
 
 
 def _schedule(kmap: KernelMap, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -189,8 +199,9 @@ def _implicit_gemm(feats: torch.Tensor, weight: torch.Tensor, kmap: KernelMap) -
     def grid(meta):
         return (triton.cdiv(N, BLOCK_M), triton.cdiv(C_out, meta["BN"]))
 
-    _fwd_kernel[grid](feats, weight, nbr, perm, koff, kcnt, out, N, K, C_in=C_in, C_out=C_out,
-                      BM=BLOCK_M, PRECISION=_precision(feats.dtype), **_fwd_meta)
+    fwd_kernel, fwd_meta, _, _ = _kernels()
+    fwd_kernel[grid](feats, weight, nbr, perm, koff, kcnt, out, N, K, C_in=C_in, C_out=C_out,
+                      BM=BLOCK_M, PRECISION=_precision(feats.dtype), **fwd_meta)
     return out
 
 
@@ -205,8 +216,9 @@ def _weight_grad(feats: torch.Tensor, grad_out: torch.Tensor, kmap: KernelMap, K
     def grid(meta):
         return (ck.numel(), triton.cdiv(C_in, meta["BMW"]), triton.cdiv(C_out, meta["BNW"]))
 
-    _wg_kernel[grid](feats.contiguous(), grad_out.contiguous(), in_idx, out_idx, ck, cs, ce, dw,
-                     C_in=C_in, C_out=C_out, PRECISION=_precision(feats.dtype), **_wg_meta)
+    _, _, wg_kernel, wg_meta = _kernels()
+    wg_kernel[grid](feats.contiguous(), grad_out.contiguous(), in_idx, out_idx, ck, cs, ce, dw,
+                     C_in=C_in, C_out=C_out, PRECISION=_precision(feats.dtype), **wg_meta)
     return dw
 
 
