@@ -47,7 +47,7 @@ def read_metadata(root: str) -> pd.DataFrame:
     if not os.path.isfile(path):
         raise DatasetError(f"{path} not found (build it with: python -m dataset_toolkits.build_metadata ...)")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype={"sha256": str})
     except pd.errors.EmptyDataError:
         raise DatasetError(f"{path} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -116,9 +116,12 @@ class StandardDatasetBase(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | FailedSample:
         root, sha = self.instances[index]
         try:
-            return self.get_instance(root, sha)
+            sample = self.get_instance(root, sha)
         except ASSET_ERRORS as e:
             return FailedSample(root, sha, f"{type(e).__name__}: {e}")
+        if isinstance(sample, dict):
+            sample["_index"] = int(index)  # keys per-sample randomness in the trainer
+        return sample
 
     @staticmethod
     def collate_fn(batch: list[Any]) -> dict[str, Any]:

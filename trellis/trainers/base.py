@@ -105,6 +105,7 @@ class Trainer(SnapshotMixin, ToolsMixin):
         self.snapshot_samples = snapshot_samples
         self.wandb = wandb
         self.step = 0
+        self.sample_keys: torch.Tensor | None = None  # dataset indices of the current micro-batch
         self.batch_size_per_gpu = self._per_gpu_batch(batch_size, batch_size_per_gpu, batch_split)
 
         # Models: precision policy decides the fp16 torso; DDP wraps from outside.
@@ -216,11 +217,12 @@ class Trainer(SnapshotMixin, ToolsMixin):
         return batch
 
     def to_device(self, batch: Any) -> Any:
+        """Moves tensors to the device; keys starting with ``_`` (bookkeeping) stay on the host."""
         nb = self.device.type == "cuda"
         if isinstance(batch, torch.Tensor) or hasattr(batch, "feats"):
             return batch.to(self.device, non_blocking=nb) if isinstance(batch, torch.Tensor) else batch.to(self.device)
         if isinstance(batch, dict):
-            return {k: self.to_device(v) for k, v in batch.items()}
+            return {k: v if k.startswith("_") else self.to_device(v) for k, v in batch.items()}
         if isinstance(batch, list):
             return [self.to_device(v) for v in batch]
         return batch
@@ -252,6 +254,20 @@ class Trainer(SnapshotMixin, ToolsMixin):
     def training_losses(self, **batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise NotImplementedError
 
+    def randn_like_per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``x`` [B, ...]: item i comes from a generator keyed by
+        (seed, step, dataset index of item i), so the draw does not depend on how the global batch
+        is spread over ranks and micro-batches (nor on a resume)."""
+        keys = self.sample_keys
+        if keys is None or len(keys) != x.shape[0]:
+            return torch.randn_like(x)
+        out = torch.empty_like(x)
+        g = torch.Generator(device=x.device)
+        for i, k in enumerate(keys.tolist()):
+            g.manual_seed(step_seed(self.seed, self.step, 0) ^ (int(k) * 2654435761 % (2 ** 61)))
+            out[i] = torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+        return out
+
     def _seed_step(self) -> None:
         s = step_seed(self.seed, self.step, self.dist.rank)
         torch.manual_seed(s)
@@ -264,6 +280,7 @@ class Trainer(SnapshotMixin, ToolsMixin):
         metrics: dict[str, Any] = {}
         acc = MetricAccumulator()
         for i, mb in enumerate(micro):
+            self.sample_keys = mb.pop("_index", None) if isinstance(mb, dict) else None
             with contextlib.ExitStack() as stack:
                 if i < len(micro) - 1:
                     for m in self.training_models.values():
@@ -327,9 +344,12 @@ class Trainer(SnapshotMixin, ToolsMixin):
                    desc="train")
         data = self.batches()
         elapsed = 0.0
+        fault_step = int(os.environ.get("TRELLIS_FAULT_AT_STEP", "0"))  # fault injection for recovery tests
         try:
             while self.step < self.max_steps:
                 t0 = time.perf_counter()
+                if fault_step and self.step + 1 == fault_step:
+                    raise RuntimeError(f"TRELLIS_FAULT_AT_STEP={fault_step}: injected failure")
                 self._seed_step()
                 batch = next(data)
                 metrics = self.run_step(batch)

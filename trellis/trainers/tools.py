@@ -44,6 +44,7 @@ class ToolsMixin:
         batch = self.to_device(self.check_failed(next(iter(loader))))
         micro = self.split_batch(batch)
         self.policy.zero_grad()
+        self.sample_keys = micro[0].pop("_index", None) if isinstance(micro[0], dict) else None
         with self.policy.autocast():
             terms, status = self.training_losses(**micro[0])
         loss = terms["loss"]
@@ -54,7 +55,7 @@ class ToolsMixin:
         if missing:
             lines.append(f"WARNING: {len(missing)} trainable parameter(s) got no gradient, e.g. {missing[:3]}")
         self.policy.zero_grad()
-        lines.append("losses: " + ", ".join(f"{k}={float(v):.5g}" for k, v in terms.items()))
+        lines.append("losses: " + ", ".join(f"{k}={float(v.detach()):.5g}" for k, v in terms.items()))
         lines.append(f"batch: {self.batch_size_per_gpu} per rank in {len(micro)} micro-batch(es); " + peak_memory_text(self.device))
         lines.append("tryrun OK")
         if self.dist.is_main:

@@ -57,7 +57,8 @@ class SparseStructureVaeTrainer(Trainer):
 
     def training_losses(self, ss: torch.Tensor, **_: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         target = ss.float()
-        z, mean, logvar = self.training_models["encoder"](target, sample_posterior=True, return_raw=True)
+        _, mean, logvar = self.training_models["encoder"](target, sample_posterior=False, return_raw=True)
+        z = mean + torch.exp(0.5 * logvar) * self.randn_like_per_sample(mean)  # posterior sample
         logits = self.training_models["decoder"](z).float()
         rec = reconstruction_loss(logits, target, self.loss_type)
         kl = kl_divergence(mean.float(), logvar.float())
