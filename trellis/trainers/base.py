@@ -142,7 +142,7 @@ class Trainer(SnapshotMixin, ToolsMixin):
         self.ema_params = ({r: [p.detach().clone() for p in self.policy.master_params] for r in self.ema_rates}
                            if self.dist.is_main else {})
 
-        self.sampler = ResumableSampler(dataset, self.dist.rank, self.dist.world_size, shuffle=True, seed=seed)
+        self.sampler = self.make_sampler()
         if self.sampler.per_rank < self.batch_size_per_gpu:
             raise DatasetError(f"the dataset has {len(dataset)} samples, fewer than one batch "
                                f"({self.batch_size_per_gpu} per rank x {self.dist.world_size} ranks)")
@@ -177,13 +177,21 @@ class Trainer(SnapshotMixin, ToolsMixin):
         return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=128,
                                        find_unused_parameters=False)
 
+    def make_sampler(self) -> ResumableSampler:
+        """The training sampler (hook: sparse trainers use a load-balanced one)."""
+        return ResumableSampler(self.dataset, self.dist.rank, self.dist.world_size, shuffle=True, seed=self.seed)
+
+    def collate_fn(self) -> Any:
+        """The training collate (hook: sparse trainers split into balanced micro-batches)."""
+        return getattr(self.dataset, "collate_fn", None)
+
     def make_loader(self) -> DataLoader:
         g = torch.Generator()
         g.manual_seed(self.seed)
         return DataLoader(
             self.dataset, batch_size=self.batch_size_per_gpu, sampler=self.sampler, num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", drop_last=True, generator=g,
-            collate_fn=getattr(self.dataset, "collate_fn", None), persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn(), persistent_workers=self.num_workers > 0,
         )
 
     # ------------------------------------------------------------------ data
@@ -199,7 +207,13 @@ class Trainer(SnapshotMixin, ToolsMixin):
             self.data_state = {"epoch": self.sampler.epoch, "idx": 0}
 
     def check_failed(self, batch: Any) -> Any:
-        """Logs and counts assets that failed to load; stops above ``max_bad_fraction``."""
+        """Logs and counts assets that failed to load; stops above ``max_bad_fraction``.
+        A batch is a dict, or a list of micro-batch dicts (sparse collates)."""
+        if isinstance(batch, list):
+            for mb in batch:
+                self.check_failed(mb)
+            return [mb for mb in batch if any(isinstance(v, torch.Tensor) or hasattr(v, "feats")
+                                              for k, v in mb.items() if not k.startswith("_"))]
         if not isinstance(batch, dict):
             return batch
         failed: list[FailedSample] = batch.pop("_failed", [])
@@ -212,7 +226,8 @@ class Trainer(SnapshotMixin, ToolsMixin):
             raise DatasetError(f"{len(self._bad_samples)} broken asset(s) on rank {self.dist.rank}, more than "
                                f"max_bad_fraction={getattr(self.dataset, 'max_bad_fraction', 0.0)} of "
                                f"{self.sampler.per_rank}: {sorted(self._bad_samples)[:5]}")
-        if failed and not any(isinstance(v, torch.Tensor) or hasattr(v, "feats") for v in batch.values()):
+        if failed and not any(isinstance(v, torch.Tensor) or hasattr(v, "feats")
+                              for k, v in batch.items() if not k.startswith("_")):
             raise DatasetError(f"every sample of a batch failed to load: {[str(f) for f in failed]}")
         return batch
 
