@@ -98,7 +98,8 @@ class Registry:
                 self._loaded[name] = obj
                 return obj
         known = self.names()
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        same_case = [k for k in known if k.lower() == name.lower()]
+        close = same_case or difflib.get_close_matches(name, known, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise RegistryError(f"unknown {self.kind} '{name}'.{hint} Known: {', '.join(known)}")
 
