@@ -36,10 +36,12 @@ def _triple(v: int | Sequence[int], name: str) -> tuple[int, int, int]:
 
 
 def resolve_conv_backend(x: SparseTensor) -> str:
-    """``torch``, ``triton`` or ``spconv`` for this input (``auto`` resolved by device)."""
+    """``torch``, ``triton`` or ``spconv`` for this input (``auto``: ``triton`` for CUDA fp16 / bf16 / fp32
+    when Triton is importable, else ``torch``)."""
     name = sparse_conv_backend()
     if name == "auto":
-        return "triton" if x.device.type == "cuda" and has_module("triton") else "torch"
+        fast = x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return "triton" if fast and has_module("triton") else "torch"
     if name == "triton" and x.device.type != "cuda":
         raise BackendError(f"SPARSE_BACKEND=triton needs CUDA tensors; got a tensor on {x.device}")
     if name == "triton" and not has_module("triton"):
