@@ -108,6 +108,8 @@ class Trainer(SnapshotMixin, ToolsMixin):
         self.sample_keys: torch.Tensor | None = None  # dataset indices of the current micro-batch
         self.batch_size_per_gpu = self._per_gpu_batch(batch_size, batch_size_per_gpu, batch_split)
 
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed-shape convs: let cuDNN pick its fastest kernels
         # Models: precision policy decides the fp16 torso; DDP wraps from outside.
         for model in models.values():
             if fp16_mode != "inflat_all" and getattr(model, "use_fp16", False) and hasattr(model, "convert_to_fp32"):

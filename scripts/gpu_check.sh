@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# GPU check, one call on a GPU machine: the GPU tests, then every benchmark. Prints a summary table per
+# benchmark; full logs go to $OUT (the device tool's output folder) or ./gpu_check_logs.
+#
+#   bash scripts/gpu_check.sh            # everything
+#   GPU_CHECK_ONLY="tests ss_vae" bash scripts/gpu_check.sh
+#
+# Uses the python that has torch with CUDA (PYTHON, default python3). Results go into docs/PERFORMANCE.md
+# by hand, with the card and the date.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LOG=${OUT:-gpu_check_logs}
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+ONLY=${GPU_CHECK_ONLY:-"tests ss_vae sparse attention train"}
+status=0
+step() {  # step NAME CMD...
+    local name=$1; shift
+    case " $ONLY " in *" $name "*) ;; *) return 0 ;; esac
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    "$@" > "$LOG/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$LOG/$name.log"
+    echo "=== $name: exit $rc in $((SECONDS - t0)) s"
+    [ $rc -eq 0 ] || status=1
+}
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+step tests $PY -m pytest -q -m gpu -p no:cacheprovider tests
+step ss_vae $PY scripts/bench_ss_vae.py
+[ -f scripts/bench_sparse.py ] && step sparse $PY scripts/bench_sparse.py
+[ -f scripts/bench_attention.py ] && step attention $PY scripts/bench_attention.py
+[ -f scripts/bench_train.py ] && step train $PY scripts/bench_train.py
+exit $status
