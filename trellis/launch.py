@@ -1,16 +1,22 @@
-"""Process launch for ``train.py``: one process, one per local GPU (spawned), or ``torchrun``;
-the ``--auto_retry`` supervisor; the run directory's ``command.txt``, ``config.json`` and model
-summaries.
+"""Process launch for ``train.py``: one process, one per local GPU (spawned), ``torchrun`` (one or
+several nodes, elastic restarts), nodes started by hand (``--num_nodes/--node_rank/--master_addr/
+--master_port``); the ``--auto_retry`` supervisor; the run directory's ``command.txt``,
+``config.json`` and model summaries. See docs/SCALING.md.
 
-Every worker ends with an exit code: 0 on success, 2 for a user error (config, data, checkpoint:
-one readable line, no traceback unless ``TRELLIS_DEBUG=1``), 1 for anything else. A failed rank
+Every worker ends with an exit code: 0 on success, 2 for a user error (config, data, checkpoint,
+ranks started with different configs: one readable line, no traceback unless ``TRELLIS_DEBUG=1``),
+1 for anything else, including a failed rendezvous or a lost rank, which are named. A failed rank
 makes the whole job exit non-zero; ``torchrun`` and ``torch.multiprocessing.spawn`` stop the other
-ranks, and collective timeouts (``TRELLIS_DIST_TIMEOUT``) bound any wait.
+ranks, and timeouts (``TRELLIS_RDZV_TIMEOUT`` at start-up, ``TRELLIS_DIST_TIMEOUT`` for
+collectives) bound any wait. After an elastic restart or a SLURM requeue the run resumes from the
+newest checkpoint of ``--output_dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +34,7 @@ from trellis.config import (
 )
 from trellis.datasets.base import DatasetError
 from trellis.registry import TRAINERS, RegistryError
-from trellis.trainers.checkpoint import CheckpointError, resolve_ckpt
+from trellis.trainers.checkpoint import CheckpointError, find_latest, resolve_ckpt
 from trellis.utils import dist as tdist
 from trellis.utils.dist import DistInfo
 from trellis.utils.io import atomic_write_json, atomic_write_text
@@ -63,6 +69,21 @@ def pick_device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_layout_flags(args: argparse.Namespace, device: str) -> int:
+    """Validates ``--num_nodes/--node_rank/--num_gpus/--master_port``; returns processes on this node."""
+    if args.num_nodes < 1:
+        raise ConfigError(f"--num_nodes must be at least 1, got {args.num_nodes}")
+    if not 0 <= args.node_rank < args.num_nodes:
+        raise ConfigError(f"--node_rank must be in [0, {args.num_nodes}) for --num_nodes {args.num_nodes}, "
+                          f"got {args.node_rank}")
+    if not str(args.master_port).isdigit() or not 0 < int(args.master_port) < 65536:
+        raise ConfigError(f"--master_port must be a port number, got {args.master_port!r}")
+    nproc = args.num_gpus if args.num_gpus > 0 else (torch.cuda.device_count() if device == "cuda" else 1)
+    if device == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(f"--num_gpus {nproc}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return nproc
+
+
 def launch(args: argparse.Namespace, cfg: dict) -> int:
     try:
         device = pick_device(args)
@@ -72,7 +93,11 @@ def launch(args: argparse.Namespace, cfg: dict) -> int:
     layout = torchrun_layout()
     if layout is not None:
         return worker(layout, device, args, cfg)
-    nproc = args.num_gpus if args.num_gpus > 0 else (torch.cuda.device_count() if device == "cuda" else 1)
+    try:
+        nproc = check_layout_flags(args, device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     world = nproc * args.num_nodes
     if world == 1:
         return worker((0, 1, 0, 1), device, args, cfg)
@@ -103,17 +128,29 @@ def worker(layout: tuple[int, int, int, int], device: str, args: argparse.Namesp
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+        if world > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores, do not oversubscribe
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     info = DistInfo(rank, world, local, local_world, dev)
     try:
         tdist.init_process_group(info, args.master_addr, int(args.master_port))
+        if info.distributed:
+            tdist.check_same_job(info, job_fingerprint(cfg))
         run(info, args, cfg)
         return 0
+    except tdist.DistributedError as e:
+        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+        return 1
     except USER_ERRORS as e:
         print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
         if os.environ.get("TRELLIS_DEBUG") == "1":
             traceback.print_exc()
         return 2
     except Exception as e:  # noqa: BLE001 - report which rank failed, then exit non-zero
+        if info.distributed and tdist.is_comm_failure(e):
+            print(tdist.explain_comm_failure(info, e), file=sys.stderr, flush=True)
+            if os.environ.get("TRELLIS_DEBUG") == "1":
+                traceback.print_exc()
+            return 1
         traceback.print_exc()
         print(f"[rank {rank}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
@@ -121,13 +158,39 @@ def worker(layout: tuple[int, int, int, int], device: str, args: argparse.Namesp
         tdist.destroy_process_group()
 
 
+def code_fingerprint() -> str:
+    """sha256 of the ``trellis`` package's Python sources (paths and contents)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                h.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(f.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def job_fingerprint(cfg: dict) -> dict[str, str]:
+    """What must be equal on every rank: the resolved config, the package version and its code."""
+    from trellis import __version__
+
+    config = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"config": config, "version": __version__, "code": code_fingerprint()}
+
+
 def run(info: DistInfo, args: argparse.Namespace, cfg: dict) -> None:
     targs = dict(cfg["trainer"].get("args", {}))
     torch.manual_seed(int(targs.get("seed", 0)))  # same initial weights on every rank and every run
     dataset = build_dataset(cfg, args.data_dir)
     models = build_models(cfg)
-    load_dir = args.load_dir or args.output_dir
-    step = resolve_ckpt(load_dir, args.ckpt)
+    load_dir, which = args.load_dir or args.output_dir, args.ckpt
+    if tdist.restart_count() > 0 and find_latest(args.output_dir) is not None:
+        # An elastic restart (torchrun --max-restarts) or a SLURM requeue continues this run.
+        load_dir, which = args.output_dir, "latest"
+    step = resolve_ckpt(load_dir, which)
     if not args.tryrun and info.is_main:
         write_run_files(args, cfg, models)
     trainer_cls = TRAINERS.get(cfg["trainer"]["name"])
@@ -180,8 +243,6 @@ def _strip_flag(argv: list[str], flag: str, has_value: bool = True) -> list[str]
 def supervise(argv: list[str], args: argparse.Namespace) -> int:
     """Runs the training as a child process and relaunches it from the newest checkpoint after a
     failure, up to ``--auto_retry`` times. User errors (exit code 2) are not retried."""
-    from trellis.trainers.checkpoint import find_latest
-
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
     base = _strip_flag(argv, "--auto_retry")
     env = dict(os.environ, **{WORKER_ENV: "1"})
