@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,8 @@ from trellis.modules.attention.varlen import VarlenPlan, attention_with_plan  # 
 from trellis.modules.sparse import SparseTensor  # noqa: E402
 from trellis.modules.sparse.attention import full_plan, window_plan  # noqa: E402
 
+DEVICE = "cuda"  # "cpu" with --smoke
+SMOKE = False
 VARLEN_BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton")
 
 
@@ -71,6 +74,13 @@ def objects(batch: int, shells_per_object: int, res: int = 64, seed: int = 0) ->
 def cuda_median_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
     for _ in range(warmup):
         fn()
+    if DEVICE == "cpu":  # smoke runs only
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -83,8 +93,8 @@ def cuda_median_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
 
 
 def peak_matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
     ms = cuda_median_ms(lambda: a @ b, 3, 10)
     return 2 * 8192**3 / ms / 1e9
 
@@ -93,10 +103,8 @@ def self_flops(lens: list[int], C: int) -> float:
     return sum(4.0 * n * n * C for n in lens)
 
 
-def time_varlen(q, k, v, plan: VarlenPlan, backend: str, args) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of ``attention_with_plan``."""
-    leaves = [t for t in {id(x.base if x.base is not None else x): (x.base if x.base is not None else x)
-                          for x in (q, k, v)}.values()]
+def time_varlen(q, k, v, leaves: list, plan: VarlenPlan, backend: str, args) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of ``attention_with_plan``; gradients wrt ``leaves``."""
     g = torch.randn(q.shape, device=q.device, dtype=q.dtype)
 
     def fwd():
@@ -113,9 +121,9 @@ def time_varlen(q, k, v, plan: VarlenPlan, backend: str, args) -> tuple[float, f
 def time_dense(B: int, L: int, H: int, d: int, dtype, args, Lkv: int | None = None) -> tuple[float, float]:
     """Dense SDPA ``[B, H, L, d]`` (flash / cuDNN chosen by torch)."""
     Lkv = L if Lkv is None else Lkv
-    q = torch.randn(B, H, L, d, device="cuda", dtype=dtype, requires_grad=True)
-    k = torch.randn(B, H, Lkv, d, device="cuda", dtype=dtype, requires_grad=True)
-    v = torch.randn(B, H, Lkv, d, device="cuda", dtype=dtype, requires_grad=True)
+    q = torch.randn(B, H, L, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, H, Lkv, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, Lkv, d, device=DEVICE, dtype=dtype, requires_grad=True)
     g = torch.randn_like(q)
 
     def fwd():
@@ -136,7 +144,7 @@ def _row(case: str, backend: str, flops: float, t_f: float, t_fb: float, extra: 
 def _backends(dtype, args) -> list[str]:
     out = []
     for b in args.backends:
-        reason = backend_unavailable_reason(b, torch.device("cuda"), dtype, varlen=True)
+        reason = backend_unavailable_reason(b, torch.device(DEVICE), dtype, varlen=True)
         if reason is None:
             out.append(b)
         else:
@@ -150,7 +158,7 @@ def _triton_configs(args) -> list[tuple]:
 
 def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, args, dense_L: int | None) -> list[dict]:
     dtype = torch.bfloat16
-    x = SparseTensor(torch.zeros(coords.shape[0], 1, device="cuda"), coords.cuda())
+    x = SparseTensor(torch.zeros(coords.shape[0], 1, device=DEVICE), coords.to(DEVICE))
     plan = plan_fn(x)
     lens = plan.lens_q
     flops = self_flops(lens, C)
@@ -158,7 +166,7 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
     N = coords.shape[0]
     print(f"[{name}] N={N} seqs={plan.num_seqs} mean_len={N / max(1, plan.num_seqs):.1f} max_len={plan.max_q} "
           f"fwd GFLOP={flops / 1e9:.2f}")
-    qkv = torch.randn(N, 3, H, d, device="cuda", dtype=dtype, requires_grad=True)
+    qkv = torch.randn(N, 3, H, d, device=DEVICE, dtype=dtype, requires_grad=True)
     q, k, v = qkv.unbind(1)
     rows = []
     for backend in _backends(dtype, args):
@@ -171,7 +179,7 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
                 tv.BLOCK_CONFIG.update({"fwd": cfg[0:3], "bwd_kv": cfg[3:6], "bwd_q": cfg[6:9]})
                 note = "cfg=" + ",".join(map(str, cfg))
             try:
-                t_f, t_fb = time_varlen(q, k, v, plan, backend, args)
+                t_f, t_fb = time_varlen(q, k, v, [qkv], plan, backend, args)
             except (RuntimeError, ValueError) as e:  # report and continue with the other backends
                 print(f"  {backend} {note} failed: {type(e).__name__}: {str(e)[:300]}")
                 continue
@@ -193,14 +201,14 @@ def _fmt(r: dict) -> str:
 # ----------------------------------------------------------------------------- cases
 def case_swin8_shells(args) -> list[dict]:
     """swin-8 (shift 4) over 8 single-shell objects at 64^3, C 768, 12 heads; dense at equal tokens."""
-    coords = objects(8, 1, seed=1)
+    coords = objects(8, 1, res=16 if SMOKE else 64, seed=1)
     return run_varlen_case("swin8_shells_C768", coords, lambda x: window_plan(x, (8, 8, 8), (4, 4, 4)),
                            768, 12, args, dense_L=coords.shape[0] // 8)
 
 
 def case_swin8_objects(args) -> list[dict]:
     """swin-8 (shift 0) over 4 standard objects (3 shells each, ~16k voxels), C 768, 12 heads."""
-    coords = objects(4, 3, seed=2)
+    coords = objects(4, 3, res=16 if SMOKE else 64, seed=2)
     return run_varlen_case("swin8_objects_C768", coords, lambda x: window_plan(x, (8, 8, 8), (0, 0, 0)),
                            768, 12, args, dense_L=None)
 
@@ -208,7 +216,7 @@ def case_swin8_objects(args) -> list[dict]:
 def case_full_objects(args) -> list[dict]:
     """Full attention over 8 sequences of 2k-8k tokens, C 1024, 16 heads; dense SDPA at equal tokens."""
     gen = torch.Generator().manual_seed(3)
-    lens = torch.randint(2048, 8193, (8,), generator=gen)
+    lens = torch.randint(20, 61, (8,), generator=gen) if SMOKE else torch.randint(2048, 8193, (8,), generator=gen)
     coords = torch.cat([torch.cat([torch.full((int(n), 1), b), torch.zeros(int(n), 3, dtype=torch.long)], 1)
                         for b, n in enumerate(lens)]).int()
     return run_varlen_case("full_2k-8k_C1024", coords, full_plan, 1024, 16, args,
@@ -218,19 +226,21 @@ def case_full_objects(args) -> list[dict]:
 def case_cross(args) -> list[dict]:
     """Cross-attention of 8 x 4k voxels to 1374 image tokens, C 1024, 16 heads."""
     dtype, C, H, B, Lq, Lc = torch.bfloat16, 1024, 16, 8, 4096, 1374
+    if SMOKE:
+        Lq, Lc = 32, 11
     d = C // H
-    cu_q = (torch.arange(B + 1) * Lq).int().cuda()
-    cu_kv = (torch.arange(B + 1) * Lc).int().cuda()
+    cu_q = (torch.arange(B + 1) * Lq).int().to(DEVICE)
+    cu_kv = (torch.arange(B + 1) * Lc).int().to(DEVICE)
     plan = VarlenPlan(cu_q, cu_kv)
-    q = torch.randn(B * Lq, H, d, device="cuda", dtype=dtype, requires_grad=True)
-    kv = torch.randn(B * Lc, 2, H, d, device="cuda", dtype=dtype, requires_grad=True)
+    q = torch.randn(B * Lq, H, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    kv = torch.randn(B * Lc, 2, H, d, device=DEVICE, dtype=dtype, requires_grad=True)
     k, v = kv.unbind(1)
     flops = B * 4.0 * Lq * Lc * C
     print(f"[cross_4k_x_1374] fwd GFLOP={flops / 1e9:.2f}")
     rows = []
     for backend in _backends(dtype, args):
         try:
-            t_f, t_fb = time_varlen(q, k, v, plan, backend, args)
+            t_f, t_fb = time_varlen(q, k, v, [q, kv], plan, backend, args)
         except (RuntimeError, ValueError) as e:
             print(f"  {backend} failed: {type(e).__name__}: {str(e)[:300]}")
             continue
@@ -259,11 +269,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run that only checks the script works")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_attention.py needs a CUDA device")
-    peak = peak_matmul_tflops()
-    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}; bf16 8192^3 matmul {peak:.0f} TFLOP/s")
+    global DEVICE, SMOKE
+    if args.smoke:
+        DEVICE, SMOKE = "cpu", True
+        args.warmup, args.reps, args.backends = 0, 1, ["torch"]
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_attention.py needs a CUDA device (or --smoke)")
+    peak = peak_matmul_tflops() if not SMOKE else float("nan")
+    name = torch.cuda.get_device_name() if not SMOKE else "cpu"
+    print(f"device {name} torch {torch.__version__}; bf16 8192^3 matmul {peak:.0f} TFLOP/s")
     rows = []
     for name, fn in CASES:
         if name in args.cases:
@@ -273,7 +289,7 @@ def main() -> None:
         print(f"{r['case']:<22} {r['backend']:<22} {r['fwd_ms']:7.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_ms']:10.3f} "
               f"{r['fwd_bwd_tflops']:12.1f}  {r['note']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "peak_tflops": peak,
+        Path(args.json).write_text(json.dumps({"device": name, "peak_tflops": peak,
                                                "torch": torch.__version__, "rows": rows}, indent=1))
 
 
