@@ -1,0 +1,1 @@
+"""Rectified-flow trainers (``flow_matching``), their components and snapshot helpers."""
