@@ -216,21 +216,24 @@ def _attention_torch(q, k, v, plan: VarlenPlan, scale: float) -> torch.Tensor:
         for s in range(0, n, step):
             rq, rk = bk["rows_q"][s : s + step], bk["rows_kv"][s : s + step]
             m = rq.shape[0]
-            qb = q[rq].transpose(1, 2)  # [m, Lq, H, d] -> [m, H, Lq, d]
-            kb = k[rk].transpose(1, 2)  # [m, Lk, H, d] -> [m, H, Lk, d]
-            vb = v[rk].transpose(1, 2)
+            # index_select (backward: index_add) instead of advanced indexing, whose backward is a
+            # sort-based index_put that is ~20x slower on CUDA
+            fq, fk = rq.flatten(), rk.flatten()
+            qb = q.index_select(0, fq).view(m, lq, H, d).transpose(1, 2)  # [m*Lq, H, d] -> [m, H, Lq, d]
+            kb = k.index_select(0, fk).view(m, lk, H, d).transpose(1, 2)  # [m*Lk, H, d] -> [m, H, Lk, d]
+            vb = v.index_select(0, fk).view(m, lk, H, d).transpose(1, 2)
             mask = None if bk["key_mask"] is None else bk["key_mask"][s : s + step]
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # [m, H, Lq, d]
             parts.append(ob.transpose(1, 2).reshape(m * lq, H, d))  # [m, H, Lq, d] -> [m*Lq, H, d]
         ob = torch.cat(parts) if len(parts) > 1 else parts[0]
-        outs.append(ob[bk["sel"]])
+        outs.append(ob.index_select(0, bk["sel"]))
     if not outs:
         return q.new_zeros(T_q, H, d)
-    return torch.cat(outs)[restore]
+    return torch.cat(outs).index_select(0, restore)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    return x if index is None else x[index.to(x.device)]
+    return x if index is None else x.index_select(0, index.to(x.device))
 
 
 def _attention_fused(q, k, v, plan: VarlenPlan, scale: float, backend: str) -> torch.Tensor:
@@ -257,7 +260,7 @@ def _attention_fused(q, k, v, plan: VarlenPlan, scale: float, backend: str) -> t
     else:
         raise ValueError(f"unknown fused attention backend {backend!r}")
     if plan.index_q is not None:
-        out = out[plan.inverse_q(q.device)]
+        out = out.index_select(0, plan.inverse_q(q.device))
     return out
 
 
