@@ -60,7 +60,7 @@ class ToolsMixin:
         lines.append("tryrun OK")
         if self.dist.is_main:
             print("\n".join(lines), flush=True)
-        return {"loss": float(loss), "missing_grads": missing}
+        return {"loss": float(loss.detach()), "missing_grads": missing}
 
     def profile(self, num_steps: int = 5) -> str:
         """Runs ``num_steps`` real training steps under ``torch.profiler`` (after one wait and one
