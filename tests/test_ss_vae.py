@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from trellis.models import from_pretrained, save_pretrained
-from trellis.models.sparse_structure_vae import SparseStructureDecoder, SparseStructureEncoder, pixel_shuffle_3d
+from trellis.models.sparse_structure_vae import (
+    SparseStructureDecoder,
+    SparseStructureEncoder,
+    pixel_shuffle_3d,
+)
 
 MANIFESTS = "/work/shared/reference/manifests"
 
