@@ -1,7 +1,11 @@
 """Seconds per asset of the toolkit's geometry stages on the shipped demo assets.
 
     python scripts/bench_toolkit.py [--device cpu|cuda] [--num_views 150] [--resolution 512] [--ssaa 2]
-        [--cond_views 24] [--cond_resolution 1024] [--limit N] [--stages render,voxelize,render_cond]
+        [--cond_views 24] [--cond_resolution 1024] [--limit N]
+        [--stages render,voxelize,render_cond,extract_feature] [--feature_model dinov2_vitl14_reg]
+
+``extract_feature`` runs the real-size DINOv2 ViT-L/14-reg with random weights (the timing does not
+depend on the values; nothing is downloaded); ``--feature_model tiny`` uses the small test ViT.
 
 Builds a fresh root in a temp folder, runs each stage in-process (one worker) over the assets and
 prints wall-clock seconds per asset (file loading, rendering, PNG encoding and writing included).
@@ -18,10 +22,19 @@ import time
 
 import torch
 
-from dataset_toolkits import build_metadata, ledger, render, render_cond, voxelize
+from dataset_toolkits import build_metadata, extract_feature, ledger, render, render_cond, voxelize
 from dataset_toolkits.stage import run_stage
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "demo")
+
+
+def random_dinov2_weights(model: str, folder: str) -> str:
+    """Writes a random-initialised checkpoint of ``model`` in the official key layout; returns its path."""
+    from trellis.encoders.dinov2 import PRESETS, DinoV2ViT, init_random
+
+    path = os.path.join(folder, f"{model}_random.pth")
+    torch.save(init_random(DinoV2ViT(PRESETS[model])).state_dict(), path)
+    return path
 
 
 def main() -> None:
@@ -34,6 +47,8 @@ def main() -> None:
     p.add_argument("--cond_resolution", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="use only the first N assets")
     p.add_argument("--stages", default="render,voxelize,render_cond")
+    p.add_argument("--feature_model", default="dinov2_vitl14_reg")
+    p.add_argument("--feature_batch", type=int, default=16, help="views per ViT forward")
     args = p.parse_args()
     stages = args.stages.split(",")
     dev = render.resolve_device(args.device)
@@ -42,7 +57,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         build_metadata.main(["local", "--input", DEMO, "--output_dir", root])
         shas = ledger.read_metadata(root)["sha256"].tolist()[: args.limit]
+        weights = None
+        if "extract_feature" in stages and args.feature_model != "tiny":
+            weights = random_dinov2_weights(args.feature_model, root)
         jobs = {
+            "extract_feature": extract_feature.make_stage(args.feature_model, weights, args.feature_batch, device=dev),
             "render": render.make_stage("local", args.num_views, args.resolution, device=dev, ssaa=args.ssaa),
             "voxelize": voxelize.make_stage(),
             "render_cond": render_cond.make_stage("local", args.cond_views, args.cond_resolution, device=dev,
@@ -57,10 +76,15 @@ def main() -> None:
             rest = time.perf_counter() - t0
             n = counts["processed"]
             per = rest / max(n, 1)
-            print(f"RESULT {key}: {per:.2f} s/asset over {n} assets (first asset {first:.2f} s); "
-                  f"views {args.num_views if key == 'render' else args.cond_views if key == 'render_cond' else '-'}, "
-                  f"res {args.resolution if key == 'render' else args.cond_resolution if key == 'render_cond' else 64}, "
-                  f"ssaa {args.ssaa if key != 'voxelize' else '-'}")
+            if key == "render":
+                what = f"views {args.num_views}, res {args.resolution}, ssaa {args.ssaa}"
+            elif key == "render_cond":
+                what = f"views {args.cond_views}, res {args.cond_resolution}, ssaa {args.ssaa}"
+            elif key == "extract_feature":
+                what = f"model {args.feature_model}, views rendered above, batch {args.feature_batch}"
+            else:
+                what = "64^3"
+            print(f"RESULT {key}: {per:.2f} s/asset over {n} assets (first asset {first:.2f} s); {what}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 LOG=${OUT:-gpu_check_logs}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-ONLY=${GPU_CHECK_ONLY:-"tests ss_vae sparse attention train"}
+ONLY=${GPU_CHECK_ONLY:-"tests ss_vae sparse attention train toolkit"}
 status=0
 step() {  # step NAME CMD...
     local name=$1; shift
@@ -32,4 +32,5 @@ step ss_vae $PY scripts/bench_ss_vae.py
 [ -f scripts/bench_sparse.py ] && step sparse $PY scripts/bench_sparse.py
 [ -f scripts/bench_attention.py ] && step attention $PY scripts/bench_attention.py
 [ -f scripts/bench_train.py ] && step train $PY scripts/bench_train.py
+step toolkit $PY scripts/bench_toolkit.py --device cuda --limit 5 --stages render,voxelize,extract_feature
 exit $status
