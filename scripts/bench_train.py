@@ -1,0 +1,259 @@
+"""Benchmark: full-size flow-model training steps on one GPU (BENCHMARKING.md conventions).
+
+Configs ``ss_flow_img_dit_L_16l8_fp16`` and ``slat_flow_img_dit_L_64l8p2_fp16`` at their batch
+sizes (8 per GPU; SLat in 4 balanced micro-batches), ``fp16_mode`` inflat_all and bf16. One step is
+``Trainer.run_step`` of the flow CFG trainer: keyed t / noise / CFG dropout, forward, backward,
+adaptive clipping, AdamW, EMA. Synthetic inputs already on the GPU: SS latents [8, 8, 16^3]; SLat
+= 8 objects, each the union of 3 superellipsoid shells on 64^3 (~15.8k voxels); condition tokens
+[8, 1374, 1024] (the DINOv2 encoder is not timed). No elastic checkpointing (as the original's
+reference numbers). CUDA events after warm-up, median of the repetitions.
+
+Model FLOPs = 3 x forward (linear 2 x rows x in x out; sparse conv 2 x active pairs x C_in x C_out;
+attention 4 L^2 C self, 4 L L_cond C cross); MFU against the bf16 matmul peak measured in the run.
+
+    python scripts/bench_train.py [--which ss,slat] [--modes inflat_all,bf16] [--steps 8] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from trellis.datasets.structured_latent import SLat  # noqa: E402
+from trellis.registry import MODELS, TRAINERS  # noqa: E402
+from trellis.utils.dist import DistInfo  # noqa: E402
+
+CONFIGS = {"ss": "ss_flow_img_dit_L_16l8_fp16", "slat": "slat_flow_img_dit_L_64l8p2_fp16"}
+L_COND, C_COND = 1374, 1024
+
+
+def matmul_peak(device: torch.device) -> float:
+    """Measured bf16 8192^3 matmul rate, TFLOP/s (random operands, median of 20)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * 8192 ** 3 / statistics.median(times) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------- data
+def superellipsoid_object(rng: np.random.Generator, res: int = 64) -> np.ndarray:
+    """uint8 [N, 3]: the union of 3 random superellipsoid surface shells (each shell = voxels inside
+    with at least one empty 6-neighbour; BENCHMARKING.md), about 15-16k voxels."""
+    axis = np.arange(res, dtype=np.float64)
+    g = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1)  # [R, R, R, 3]
+    union = np.zeros((res,) * 3, dtype=bool)
+    for _ in range(3):
+        c = res * rng.uniform(0.4, 0.6, 3)
+        r = res * rng.uniform(0.25, 0.40, 3)
+        p = rng.uniform(2, 4)
+        inside = (np.abs((g - c) / r) ** p).sum(-1) <= 1
+        pad = np.pad(inside, 1)
+        six = np.ones_like(inside)
+        for ax in range(3):
+            for sh in (-1, 1):
+                six &= np.roll(pad, sh, axis=ax)[1:-1, 1:-1, 1:-1]
+        union |= inside & ~six
+    return np.argwhere(union).astype(np.uint8)
+
+
+class SyntheticLatents(torch.utils.data.Dataset):
+    """In-memory samples: ``x_0`` dense [8,16,16,16] or sparse (coords, feats), and ``cond`` tokens."""
+
+    def __init__(self, sparse: bool, num: int = 8, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.sparse = sparse
+        self.items = []
+        for i in range(num):
+            cond = torch.from_numpy(rng.standard_normal((L_COND, C_COND)).astype(np.float32))
+            if sparse:
+                coords = torch.from_numpy(superellipsoid_object(rng).astype(np.int32))
+                feats = torch.from_numpy(rng.standard_normal((len(coords), 8)).astype(np.float32))
+                self.items.append({"coords": coords, "feats": feats, "cond": cond, "_index": i})
+            else:
+                x = torch.from_numpy(rng.standard_normal((8, 16, 16, 16)).astype(np.float32))
+                self.items.append({"x_0": x, "cond": cond, "_index": i})
+        self.loads = [len(it["coords"]) for it in self.items] if sparse else [1] * num
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.items[i])
+
+    def collate_fn(self, batch: list, split_size: int | None = None):
+        if self.sparse:
+            return SLat.collate_fn(batch, split_size)
+        return torch.utils.data.default_collate(batch)
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+def _pairs(coords: torch.Tensor) -> int:
+    """Active (input, output) pairs of a 3x3x3 submanifold conv over coords [N, 4] (b, x, y, z)."""
+    c = coords.long()
+    s = 2 ** 11
+    key = ((c[:, 0] * s + c[:, 1] + 1) * s + c[:, 2] + 1) * s + c[:, 3] + 1
+    keys = torch.sort(key).values
+    total = 0
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            for dz in (-1, 0, 1):
+                q = key + (dx * s + dy) * s + dz
+                idx = torch.searchsorted(keys, q).clamp(max=keys.numel() - 1)
+                total += int((keys[idx] == q).sum())
+    return total
+
+
+def _dit_block_flops(L: int, C: int, L_cond: int, C_cond: int, mlp: float) -> float:
+    """Forward FLOPs of one modulated cross block over one sequence of L tokens."""
+    linear = 2 * L * C * (3 * C + C + C + C + 2 * int(mlp * C)) + 2 * L_cond * C_cond * 2 * C + 2 * C * 6 * C
+    attn = 4 * L * L * C + 4 * L * L_cond * C
+    return float(linear + attn)
+
+
+def ss_flops(args: dict, batch: int) -> float:
+    r, p, C = args["resolution"], args["patch_size"], args["model_channels"]
+    L = (r // p) ** 3
+    per = args["num_blocks"] * _dit_block_flops(L, C, L_COND, C_COND, args["mlp_ratio"])
+    per += 2 * L * args["in_channels"] * p ** 3 * C * 2
+    return 3 * batch * per
+
+
+def slat_flops(args: dict, x: "SparseTensor") -> float:  # noqa: F821
+    """Forward x 3 for the L layout (one io stage): fine res-block, down res-block, DiT, up + fine blocks."""
+    C, io = args["model_channels"], args["io_block_channels"][0]
+    n_io = args["num_io_res_blocks"]
+    fine = x.coords
+    coarse = torch.unique(torch.cat([fine[:, :1], fine[:, 1:] // 2], 1), dim=0)
+    nf, nc = fine.shape[0], coarse.shape[0]
+    pf, pc = _pairs(fine), _pairs(coarse)
+    f = 2 * nf * args["in_channels"] * io + 2 * nf * io * args["out_channels"]  # in / out layers
+    f += (n_io - 1) * 2 * (2 * pf * io * io)  # plain input blocks at fine
+    f += 2 * pc * io * C + 2 * pc * C * C + 2 * nc * io * C  # down block (convs at coarse, skip linear)
+    counts = torch.bincount(coarse[:, 0].long()).tolist()
+    f += args["num_blocks"] * sum(_dit_block_flops(L, C, L_COND, C_COND, args["mlp_ratio"]) for L in counts)
+    f += 2 * pf * (2 * C) * io + 2 * pf * io * io + 2 * nf * 2 * C * io  # up block (cat skip) at fine
+    f += (n_io - 1) * (2 * pf * (2 * io) * io + 2 * pf * io * io + 2 * nf * 2 * io * io)  # plain out blocks
+    return 3.0 * f
+
+
+# --------------------------------------------------------------------------------------------- bench
+def bench(which: str, mode: str, steps: int, device: torch.device, compile_model: bool,
+          profile_dir: str | None = None) -> dict:
+    with open(os.path.join(ROOT, "configs", "generation", CONFIGS[which] + ".json")) as f:
+        cfg = json.load(f)
+    spec = cfg["models"]["denoiser"]
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = MODELS.get(spec["name"])(**spec["args"])
+    sparse = which == "slat"
+    dataset = SyntheticLatents(sparse)
+    targs = dict(cfg["trainer"]["args"])
+    for k in ("image_cond_model", "elastic"):
+        targs.pop(k, None)
+    targs.update(fp16_mode=mode, i_log=0, i_sample=0, i_save=0, i_print=0, i_ddpcheck=0, num_workers=0)
+    name = "SparseFlowMatchingCFGTrainer" if sparse else "FlowMatchingCFGTrainer"
+    with tempfile.TemporaryDirectory() as out:
+        trainer = TRAINERS.get(name)({"denoiser": model}, dataset, output_dir=out, dist=DistInfo(device=device),
+                                     **targs)
+        if compile_model:
+            trainer.training_models["denoiser"] = torch.compile(trainer.training_models["denoiser"])
+        collate = trainer.collate_fn() or dataset.collate_fn
+        batch = trainer.to_device(trainer.check_failed(collate([dataset[i] for i in range(8)])))
+
+        def fresh():
+            return [dict(mb) for mb in batch] if isinstance(batch, list) else dict(batch)
+
+        x_all = SLat.collate_fn([dataset[i] for i in range(8)])["x_0"] if sparse else None
+        flops = slat_flops(spec["args"], x_all) if sparse else ss_flops(spec["args"], 8)
+        for i in range(3):
+            trainer.step = i
+            trainer.run_step(fresh())
+        torch.cuda.synchronize()
+        warm_s = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for i in range(steps):
+            trainer.step = 3 + i
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            trainer.run_step(fresh())
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        if profile_dir:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                trainer.run_step(fresh())
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+            with open(os.path.join(profile_dir, f"profile_{which}_{mode}{'_compile' if compile_model else ''}.txt"),
+                      "w") as f:
+                f.write(table)
+    t = statistics.median(times)
+    tokens = x_all.feats.shape[0] if sparse else 8 * (spec["args"]["resolution"] // spec["args"]["patch_size"]) ** 3
+    del trainer, model
+    torch.cuda.empty_cache()
+    return {"config": CONFIGS[which], "mode": mode + ("+compile" if compile_model else ""), "step_ms": t * 1e3,
+            "spread_ms": (max(times) - min(times)) * 1e3, "steps_per_s": 1 / t, "tokens_per_s": tokens / t,
+            "tokens": tokens, "peak_gib": peak, "tflop_step": flops / 1e12, "warm_s": warm_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--which", default="ss,slat")
+    ap.add_argument("--modes", default="inflat_all,bf16")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--compile", default="", help="comma list of which,mode pairs to also run compiled, e.g. ss:bf16")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--profile_dir", default=None, help="write a kernel table of one profiled step per run here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_train.py needs a CUDA device")
+    device = torch.device("cuda", 0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak(device)
+    print(f"card: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
+          f"bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    runs = [(w, m, False) for w in args.which.split(",") for m in args.modes.split(",")]
+    runs += [(p.split(":")[0], p.split(":")[1], True) for p in args.compile.split(",") if p]
+    rows = []
+    for which, mode, comp in runs:
+        r = bench(which, mode, args.steps, device, comp, args.profile_dir)
+        r["mfu"] = r["tflop_step"] / (r["step_ms"] / 1e3) / peak
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(device), "peak_tflops": peak, "rows": rows}, f, indent=1)
+    print(f"\n{torch.cuda.get_device_name(device)}, bf16 peak {peak:.0f} TFLOP/s")
+    print("| config | fp16_mode | step (ms) | steps/s | tokens/s | TFLOP/step | MFU | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['mode']} | {r['step_ms']:.1f} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} "
+              f"| {r['tflop_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
