@@ -176,7 +176,8 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
             if cfg is not None:
                 from trellis.modules.attention import triton_varlen as tv
 
-                tv.BLOCK_CONFIG.update({"fwd": cfg[0:3], "bwd_kv": cfg[3:6], "bwd_q": cfg[6:9]})
+                tv.BLOCK_CONFIG.update({"fwd": cfg[0:3], "bwd_kv": cfg[3:6], "bwd_q": cfg[6:9],
+                                        "bwd_fused": cfg[9:12] if len(cfg) == 12 else (64, 64, 4)})
                 note = "cfg=" + ",".join(map(str, cfg))
             try:
                 t_f, t_fb = time_varlen(q, k, v, [qkv], plan, backend, args)
@@ -265,7 +266,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=[n for n, _ in CASES])
     ap.add_argument("--backends", nargs="*", default=list(VARLEN_BACKENDS))
     ap.add_argument("--triton-configs", nargs="*", default=["64,64,4,64,64,4,64,64,4"],
-                    help="BM,BN,warps for fwd, bwd_kv, bwd_q (9 ints each)")
+                    help="BM,BN,warps for fwd, bwd_kv, bwd_q [, bwd_fused] (9 or 12 ints each)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", type=str, default=None)
@@ -278,8 +279,8 @@ def main() -> None:
     elif not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA device (or --smoke)")
     peak = peak_matmul_tflops() if not SMOKE else float("nan")
-    name = torch.cuda.get_device_name() if not SMOKE else "cpu"
-    print(f"device {name} torch {torch.__version__}; bf16 8192^3 matmul {peak:.0f} TFLOP/s")
+    device_name = torch.cuda.get_device_name() if not SMOKE else "cpu"
+    print(f"device {device_name} torch {torch.__version__}; bf16 8192^3 matmul {peak:.0f} TFLOP/s")
     rows = []
     for name, fn in CASES:
         if name in args.cases:
@@ -289,7 +290,7 @@ def main() -> None:
         print(f"{r['case']:<22} {r['backend']:<22} {r['fwd_ms']:7.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_ms']:10.3f} "
               f"{r['fwd_bwd_tflops']:12.1f}  {r['note']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "peak_tflops": peak,
+        Path(args.json).write_text(json.dumps({"device": device_name, "peak_tflops": peak,
                                                "torch": torch.__version__, "rows": rows}, indent=1))
 
 

@@ -243,10 +243,12 @@ def _triton_check(device: str, dtype: torch.dtype, tol: float, block: int | None
         tv.BLOCK_CONFIG.update({k: (block, block, 4) for k in old})
     try:
         torch.manual_seed(7)
-        lens, lens_kv = [5, 0, 17, 40, 1, 130], [3, 2, 20, 33, 7, 64]
-        cu, cu_kv = _cu(lens).to(device), _cu(lens_kv).to(device)
-        T, Tk, H, d = sum(lens), sum(lens_kv), 2, 64
-        for gather in (False, True):
+        cases = [([5, 0, 17, 40, 1, 130], [3, 2, 20, 33, 7, 64], True),  # short (fused) and long sequences
+                 ([5, 3, 1], [2, 6, 4], False)]  # only short ones: fused backward alone
+        for (lens, lens_kv, gather) in [(a, b, g) for a, b, both in cases for g in ((False, True) if both else
+                                                                                   (True,))]:
+            cu, cu_kv = _cu(lens).to(device), _cu(lens_kv).to(device)
+            T, Tk, H, d = sum(lens), sum(lens_kv), 2, 64
             qkv = torch.randn(T, 3, H, d, device=device, dtype=dtype, requires_grad=True)
             q, k, v = qkv.unbind(1)
             ck = torch.randn(Tk, H, d, device=device, dtype=dtype, requires_grad=True)

@@ -9,7 +9,9 @@ loops over that sequence's keys in blocks of ``BLOCK_N``, with the online softma
 (Dao et al. 2022, arXiv:2205.14135). Short windows (the swin-8 windows of a surface hold ~50-150
 voxels) take one or two iterations. The backward pass follows FlashAttention-2 (Dao 2023,
 arXiv:2307.08691): one kernel per key block accumulates dK and dV over the query blocks, one per
-query block accumulates dQ; every output row has one owner, so there are no atomics.
+query block accumulates dQ; every output row has one owner, so there are no atomics. Sequences that
+fit one tile (at most ``BLOCK_CONFIG["bwd_fused"][0]`` queries and keys, most surface windows) take a
+fused backward instead: one program loads q, k, v, O and dO once and writes dQ, dK and dV.
 
 Importing this module imports Triton; ``varlen.py`` imports it only when the backend is selected.
 """
@@ -27,7 +29,9 @@ from trellis.modules.attention.varlen import VarlenPlan
 __all__ = ["triton_varlen_attention", "BLOCK_CONFIG"]
 
 # (BLOCK_M, BLOCK_N, num_warps) for the forward and the two backward kernels; the benchmark may set it.
-BLOCK_CONFIG = {"fwd": (64, 64, 4), "bwd_kv": (64, 64, 4), "bwd_q": (64, 64, 4)}
+# "bwd_fused": (BLOCK, BLOCK, num_warps): sequences with at most BLOCK queries and keys take the one-program
+# backward; BLOCK 0 disables it.
+BLOCK_CONFIG = {"fwd": (64, 64, 4), "bwd_kv": (64, 64, 4), "bwd_q": (64, 64, 4), "bwd_fused": (64, 64, 4)}
 
 _LOG2E = 1.4426950408889634
 
@@ -188,6 +192,50 @@ def _bwd_q_kernel(
 
 
 @triton.jit
+def _bwd_fused_kernel(
+    Q, K, V, OUT, DO, LSE, DQ, DK, DV, IDXQ, IDXK, CUQ, CUK, SEQS,
+    sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, sdk_r, sdk_h, sdv_r, sdv_h,
+    n_heads, qk_scale, sm_scale, D,
+    GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Whole backward of one short sequence (<= BLOCK queries and keys) and one head in one program."""
+    seq = tl.load(SEQS + tl.program_id(0))
+    h = tl.program_id(1).to(tl.int64)
+    q_lo = tl.load(CUQ + seq)
+    n_q = tl.load(CUQ + seq + 1) - q_lo
+    k_lo = tl.load(CUK + seq)
+    n_kv = tl.load(CUK + seq + 1) - k_lo
+    offs = tl.arange(0, BLOCK)
+    mask_m = offs < n_q
+    mask_n = offs < n_kv
+    rows_q = _rows(IDXQ, q_lo + offs, mask_m, GATHER_Q)
+    rows_k = _rows(IDXK, k_lo + offs, mask_n, GATHER_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    q = tl.load(Q + rows_q[:, None] * sq_r + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + rows_q[:, None] * sdo_r + h * sdo_h + offs_d[None, :], mask=q_mask, other=0.0)
+    o = tl.load(OUT + rows_q[:, None] * so_r + h * so_h + offs_d[None, :], mask=q_mask, other=0.0)
+    k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+    lse = tl.load(LSE + rows_q * n_heads + h, mask=mask_m, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+    dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    dp = _dot(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * sm_scale
+    dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
+    tl.store(DQ + rows_q[:, None] * sdq_r + h * sdq_h + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
 def _delta_kernel(OUT, DO, DELTA, n_rows, n_heads, so_r, so_h, sdo_r, sdo_h, D,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """DELTA[t, h] = sum_j O[t, h, j] * DO[t, h, j] in float32, over flat rows r = t * H + h."""
@@ -212,9 +260,29 @@ def _block_table(lens: list[int], block: int, device: torch.device) -> tuple[tor
     return seq.to(device=device, dtype=torch.int32), start.to(device=device, dtype=torch.int32)
 
 
-def _tables(plan: VarlenPlan, side: str, block: int, device: torch.device):
-    lens = plan.lens_q if side == "q" else plan.lens_kv
-    return plan.cached(("triton_blocks", side, block, device), lambda: _block_table(lens, block, device))
+def _is_short(plan: VarlenPlan, block: int) -> list[bool]:
+    """Sequences handled by the fused backward: 1..block queries and at most block keys."""
+    return [0 < a <= block and b <= block for a, b in zip(plan.lens_q, plan.lens_kv)]
+
+
+def _tables(plan: VarlenPlan, side: str, block: int, device: torch.device, skip_short: int = 0):
+    """Block table over the sequences, leaving out the short ones when ``skip_short`` > 0."""
+
+    def build():
+        lens = plan.lens_q if side == "q" else plan.lens_kv
+        if skip_short > 0:
+            lens = [0 if sh else n for n, sh in zip(lens, _is_short(plan, skip_short))]
+        return _block_table(lens, block, device)
+
+    return plan.cached(("triton_blocks", side, block, skip_short, device), build)
+
+
+def _short_seqs(plan: VarlenPlan, block: int, device: torch.device) -> torch.Tensor:
+    def build():
+        ids = [i for i, sh in enumerate(_is_short(plan, block)) if sh]
+        return torch.tensor(ids, dtype=torch.int32).to(device)
+
+    return plan.cached(("triton_short", block, device), build)
 
 
 def _index(plan: VarlenPlan, which: str, device: torch.device) -> torch.Tensor | None:
@@ -265,6 +333,25 @@ class _TritonVarlenAttention(torch.autograd.Function):
         dev = q.device
         cu_q, cu_kv = plan.device_tensors(dev)
         iq, ik = _index(plan, "q", dev), _index(plan, "kv", dev)
+        dq = torch.empty(T_q, H, d, dtype=q.dtype, device=dev)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+        common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **_meta(q))
+        idx_q = iq if iq is not None else cu_q
+        idx_k = ik if ik is not None else cu_kv
+        fused, _, fused_warps = BLOCK_CONFIG["bwd_fused"]
+        if fused > 0:
+            short = _short_seqs(plan, fused, dev)
+            if short.numel() > 0:
+                _bwd_fused_kernel[(short.numel(), H)](
+                    q, k, v, o, do, lse, dq, dk, dv, idx_q, idx_k, cu_q, cu_kv, short,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+                    dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+                    H, scale * _LOG2E, scale, d, BLOCK=fused, num_warps=fused_warps, **common,
+                )
+            if short.numel() == sum(1 for n in plan.lens_kv if n > 0):
+                return dq, dk, dv, None, None  # every sequence was short
         delta = torch.empty(T_q, H, dtype=torch.float32, device=dev)  # rowsum(dO * O)
         block_d = _meta(q)["BLOCK_D"]
         block_r = max(1, 4096 // block_d)
@@ -273,14 +360,8 @@ class _TritonVarlenAttention(torch.autograd.Function):
                 o, do, delta, T_q * H, H, o.stride(0), o.stride(1), do.stride(0), do.stride(1), d,
                 BLOCK_R=block_r, BLOCK_D=block_d,
             )
-        dq = torch.empty(T_q, H, d, dtype=q.dtype, device=dev)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-        common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **_meta(q))
-        idx_q = iq if iq is not None else cu_q
-        idx_k = ik if ik is not None else cu_kv
         bm, bn, warps = BLOCK_CONFIG["bwd_kv"]
-        seq, start = _tables(plan, "kv", bn, dev)
+        seq, start = _tables(plan, "kv", bn, dev, skip_short=fused)
         if seq.numel() > 0:
             _bwd_kv_kernel[(seq.numel(), H)](
                 q, k, v, do, lse, delta, dk, dv, idx_q, idx_k, cu_q, cu_kv, seq, start,
@@ -289,7 +370,7 @@ class _TritonVarlenAttention(torch.autograd.Function):
                 H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
             )
         bm, bn, warps = BLOCK_CONFIG["bwd_q"]
-        seq, start = _tables(plan, "q", bm, dev)
+        seq, start = _tables(plan, "q", bm, dev, skip_short=fused)
         if seq.numel() > 0:
             _bwd_q_kernel[(seq.numel(), H)](
                 q, k, v, do, lse, delta, dq, idx_q, idx_k, cu_q, cu_kv, seq, start,
