@@ -94,13 +94,14 @@ def _per_item(t: float | torch.Tensor, x: Field) -> float | torch.Tensor:
         return float(t)
     if t.dim() == 0:
         return t
+    dtype = torch.promote_types(_feats(x).dtype, torch.float32)  # never below fp32
     if isinstance(x, SparseTensor):
         if t.shape[0] != x.batch_size:
             raise ValueError(f"t has {t.shape[0]} entries but the SparseTensor has batch size {x.batch_size}")
-        return t.to(x.device, torch.float32)[x.batch_ids].reshape(-1, *([1] * (x.feats.dim() - 1)))  # [N, 1]
+        return t.to(x.device, dtype)[x.batch_ids].reshape(-1, *([1] * (x.feats.dim() - 1)))  # [N, 1]
     if t.shape[0] != x.shape[0]:
         raise ValueError(f"t has {t.shape[0]} entries but x has batch size {x.shape[0]}")
-    return t.to(x.device, torch.float32).reshape(-1, *([1] * (x.dim() - 1)))  # [B, 1, ..., 1]
+    return t.to(x.device, dtype).reshape(-1, *([1] * (x.dim() - 1)))  # [B, 1, ..., 1]
 
 
 def _feats(x: Field) -> torch.Tensor:
