@@ -170,7 +170,7 @@ class FlowMatchingTrainer(Trainer):
         else:
             mse = F.mse_loss(pred.float(), target.float())
         if not bool(torch.isfinite(mse)):
-            raise FloatingPointError(f"non-finite loss ({float(mse)}) at step {self.step} on rank {self.dist.rank} "
+            raise FloatingPointError(f"non-finite loss ({float(mse.detach())}) at step {self.step} on rank {self.dist.rank} "
                                      f"for samples {self._describe()}")
         terms: dict[str, Any] = {"loss": mse, "mse": mse}
         for name, value in t_bins(per_sample_mse(pred, target), t).items():
