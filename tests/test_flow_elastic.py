@@ -108,3 +108,30 @@ def test_models_must_agree_on_input_size():
         with ctrl.record():
             ctrl.set_input_size(10)
             ctrl.set_input_size(11)
+
+
+@pytest.mark.gpu
+def test_controller_records_cuda_memory_in_a_sparse_training_step(tmp_path):
+    """On CUDA the controller measures real peaks through a flow trainer step and checkpoints blocks."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_train
+
+    from trellis.registry import TRAINERS
+    from trellis.utils.dist import DistInfo
+
+    bench_train.L_COND, bench_train.C_COND = 7, 16
+    ds = bench_train.SyntheticLatents(True, num=4)
+    dev = torch.device("cuda", 0)
+    model = tiny_elastic(blocks=4)
+    tr = TRAINERS.get("SparseFlowMatchingCFGTrainer")(
+        {"denoiser": model}, ds, output_dir=str(tmp_path), dist=DistInfo(device=dev), max_steps=3,
+        batch_size_per_gpu=4, batch_split=2, fp16_mode="bf16", num_workers=0,
+        elastic={"name": "LinearMemoryController", "args": {"update_every": 2, "max_mem_ratio_start": 0.5}})
+    assert tr.elastic.enabled
+    batch = tr.to_device(tr.collate_fn()([ds[i] for i in range(4)]))
+    m = tr.run_step([dict(mb) for mb in batch])
+    assert m["elastic/memory"] > 0 and 0 < m["elastic/mem_ratio"] <= 1
+    assert m["elastic/input_size"] == pytest.approx(sum(len(ds[i]["coords"]) for i in range(4)) / 2)
+    assert tr.elastic.num_records == 2 and tr.elastic.max_mem_ratio == pytest.approx(0.6)
