@@ -191,6 +191,12 @@ def run(info: DistInfo, args: argparse.Namespace, cfg: dict) -> None:
         # An elastic restart (torchrun --max-restarts) or a SLURM requeue continues this run.
         load_dir, which = args.output_dir, "latest"
     step = resolve_ckpt(load_dir, which)
+    if info.distributed:
+        steps = tdist.all_gather_object(step)
+        if len(set(steps)) > 1:
+            raise CheckpointError(f"the ranks found different checkpoints to resume from in {load_dir} "
+                                  f"(step per rank: {steps}); the run directory must be on a filesystem "
+                                  "that every node shares")
     if not args.tryrun and info.is_main:
         write_run_files(args, cfg, models)
     trainer_cls = TRAINERS.get(cfg["trainer"]["name"])

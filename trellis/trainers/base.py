@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import time
 from typing import Any, Iterator
 
@@ -43,6 +44,18 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the global RNGs for one (step, rank): training randomness is a function of these
     alone, so a resumed run draws exactly what an uninterrupted run draws."""
     return (seed * 1_000_003 + step * 4099 + rank * 7919) % (2 ** 63 - 1)
+
+
+def fault_injection_step(rank: int) -> int:
+    """Tests only: ``TRELLIS_FAULT_AT_STEP=N`` fails step N (raises; ``TRELLIS_FAULT_KIND=kill``:
+    SIGKILL), on rank ``TRELLIS_FAULT_RANK`` only if set, and only before the first elastic restart
+    if ``TRELLIS_FAULT_ONCE=1``. Returns N, or 0 for no fault."""
+    step = int(os.environ.get("TRELLIS_FAULT_AT_STEP", "0"))
+    if "TRELLIS_FAULT_RANK" in os.environ and int(os.environ["TRELLIS_FAULT_RANK"]) != rank:
+        return 0
+    if os.environ.get("TRELLIS_FAULT_ONCE") == "1" and tdist.restart_count() > 0:
+        return 0
+    return step
 
 
 class Trainer(SnapshotMixin, ToolsMixin):
@@ -176,7 +189,11 @@ class Trainer(SnapshotMixin, ToolsMixin):
         if not self.dist.distributed or not any(p.requires_grad for p in model.parameters()):
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=128,
+        # Gradient buckets (MB; the original uses 128) and grads as views into them (no copy):
+        # TRELLIS_DDP_BUCKET_MB / TRELLIS_DDP_GRAD_VIEW tune the overlap of all-reduce with backward.
+        return DistributedDataParallel(model, device_ids=device_ids,
+                                       bucket_cap_mb=float(os.environ.get("TRELLIS_DDP_BUCKET_MB", "128")),
+                                       gradient_as_bucket_view=os.environ.get("TRELLIS_DDP_GRAD_VIEW", "0") == "1",
                                        find_unused_parameters=False)
 
     def make_sampler(self) -> ResumableSampler:
@@ -203,10 +220,18 @@ class Trainer(SnapshotMixin, ToolsMixin):
         self.sampler.load_state_dict(self.data_state)
         while True:
             for batch in loader:
+                if self.data_state["idx"] >= self.epoch_steps() * self.batch_size_per_gpu:
+                    break  # the padded tail of the epoch: its length would depend on the world size
                 self.data_state = {"epoch": self.sampler.epoch, "idx": self.data_state["idx"] + self.batch_size_per_gpu}
                 yield self.to_device(self.check_failed(batch))
             self.sampler.set_epoch(self.sampler.epoch + 1)
             self.data_state = {"epoch": self.sampler.epoch, "idx": 0}
+
+    def epoch_steps(self) -> int:
+        """Steps per epoch: whole global batches of the dataset (at least one), so that epochs, and
+        with them the data order, do not depend on how many ranks share the global batch."""
+        per_rank = self.sampler.per_rank // self.batch_size_per_gpu
+        return max(1, min(per_rank, len(self.dataset) // (self.batch_size_per_gpu * self.dist.world_size)))
 
     def check_failed(self, batch: Any) -> Any:
         """Logs and counts assets that failed to load; stops above ``max_bad_fraction``.
@@ -361,11 +386,13 @@ class Trainer(SnapshotMixin, ToolsMixin):
                    desc="train")
         data = self.batches()
         elapsed = 0.0
-        fault_step = int(os.environ.get("TRELLIS_FAULT_AT_STEP", "0"))  # fault injection for recovery tests
+        fault_step = fault_injection_step(self.dist.rank)  # fault injection for recovery tests
         try:
             while self.step < self.max_steps:
                 t0 = time.perf_counter()
                 if fault_step and self.step + 1 == fault_step:
+                    if os.environ.get("TRELLIS_FAULT_KIND") == "kill":
+                        os.kill(os.getpid(), signal.SIGKILL)
                     raise RuntimeError(f"TRELLIS_FAULT_AT_STEP={fault_step}: injected failure")
                 self._seed_step()
                 batch = next(data)
@@ -491,7 +518,8 @@ class Trainer(SnapshotMixin, ToolsMixin):
             self.elastic.load_state_dict(misc["elastic_controller"])
         per_rank = misc.get("data_sampler_per_rank")
         same_layout = misc.get("world_size", 1) == self.dist.world_size and per_rank
-        self.data_state = dict(per_rank[self.dist.rank] if same_layout else misc["data_sampler"])
+        self.data_state = dict(per_rank[self.dist.rank] if same_layout else
+                               self._rescale_data_state(misc["data_sampler"], int(misc.get("world_size", 1)), misc_path))
         if same_layout:
             rng = misc["rng"][self.dist.rank]
             torch.set_rng_state(rng["torch"])
@@ -503,6 +531,20 @@ class Trainer(SnapshotMixin, ToolsMixin):
         self.step = int(misc["step"])
         if self.dist.is_main:
             print(f"resumed from {load_dir} at step {self.step}")
+
+    def _rescale_data_state(self, state: dict, old_world: int, path: str) -> dict:
+        """Data position saved by ``old_world`` ranks -> this world size. Every rank has consumed
+        ``idx`` samples of its share, so ``idx * old_world`` samples of the epoch's global order are
+        done; a different world size continues from the same global position."""
+        done = int(state["idx"]) * old_world
+        if done % self.dist.world_size:
+            raise ckpt.CheckpointError(
+                f"{path}: {done} samples of epoch {state['epoch']} were consumed on {old_world} rank(s); that does "
+                f"not split evenly over {self.dist.world_size} ranks (resume on a world size that divides it)")
+        if self.dist.is_main:
+            print(f"note: resuming a {old_world}-rank checkpoint on {self.dist.world_size} rank(s) "
+                  f"(epoch {state['epoch']}, {done} samples done)")
+        return {"epoch": int(state["epoch"]), "idx": done // self.dist.world_size}
 
     def _set_masters_from_state(self, key: str, state: dict, targets: list[torch.Tensor]) -> None:
         index = {id(p): i for i, p in enumerate(self.params)}

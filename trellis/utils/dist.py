@@ -19,6 +19,7 @@ Start-up (``init_process_group``) and failure reporting are built so that no ran
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import time
@@ -84,16 +85,20 @@ def under_torchrun() -> bool:
 
 
 def restart_count() -> int:
-    """How many times torchrun (``--max-restarts``) or SLURM (requeue) restarted this job."""
+    """How many times torchrun (``--max-restarts``) or SLURM (requeue) restarted this job. torchrun
+    counts per node (a node restarted because another failed keeps 0), so after ``check_same_job``
+    this is the largest count of any rank."""
+    counts = [_JOB_RESTARTS]
     for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
-        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
-            return int(os.environ[name])
-    return 0
+        if os.environ.get(name, "").isdigit():
+            counts.append(int(os.environ[name]))
+    return max(counts)
 
 
 # The job's store (for the roll call) and every rank's (node, host), set by init / check_same_job.
 _STORE: Any = None
 _PEERS: list[dict[str, Any]] = []
+_JOB_RESTARTS = 0
 
 
 def init_process_group(info: DistInfo, master_addr: str, master_port: int) -> None:
@@ -109,11 +114,18 @@ def init_process_group(info: DistInfo, master_addr: str, master_port: int) -> No
     kwargs: dict[str, Any] = {"timeout": default_timeout()}
     if backend == "nccl":
         kwargs["device_id"] = info.device
-    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ and under_torchrun():
-        master_addr, master_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if under_torchrun() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The agents' store outlives restarts: keys of the previous round are still there, so this
+        # round's process group gets a fresh prefix that every rank agrees on.
+        store = _connect(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info, is_master=False)
+        _STORE = dist.PrefixStore(f"trellis/round{_agree_round(store, info)}", store)
+        dist.init_process_group(backend=backend, store=dist.PrefixStore("pg", _STORE), rank=info.rank,
+                                world_size=info.world_size, **kwargs)
+        return
+    if under_torchrun():  # rank 0's worker hosts a fresh store each round
         dist.init_process_group(backend=backend, init_method="env://", rank=info.rank,
                                 world_size=info.world_size, **kwargs)
-        _STORE = _connect(master_addr, master_port, info, is_master=False)
+        _STORE = _connect(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info, is_master=False)
         return
     os.environ.setdefault("MASTER_ADDR", master_addr)
     os.environ.setdefault("MASTER_PORT", str(master_port))
@@ -150,6 +162,40 @@ def _wait_key(store: Any, keys: list[str], seconds: float) -> list[str]:
         time.sleep(0.05)
 
 
+def _agree_round(store: Any, info: DistInfo) -> int:
+    """A number unique to this round of the job, agreed by all ranks through a store that may hold
+    the keys of earlier rounds. Each rank says hello with a random token; rank 0 takes a new number
+    and publishes it with the tokens it read; a rank accepts the number that carries its own token
+    (so it can only come from this round's rank 0) and acknowledges it."""
+    seconds = rendezvous_timeout().total_seconds()
+    deadline = time.monotonic() + seconds
+    token = os.urandom(8).hex()
+    store.set(f"trellis/hello/{info.rank}", token)
+    if info.rank == 0:
+        gen = store.add("trellis/generation", 1)
+        while True:
+            tokens = [store.get(f"trellis/hello/{r}").decode() if store.check([f"trellis/hello/{r}"]) else ""
+                      for r in range(info.world_size)]
+            tokens[0] = token
+            store.set("trellis/current", json.dumps({"gen": gen, "tokens": tokens}))
+            missing = [r for r in range(1, info.world_size) if not store.check([f"trellis/ack/{gen}/{r}"])]
+            if not missing:
+                return gen
+            if time.monotonic() > deadline:
+                raise DistributedError(f"rank(s) {', '.join(map(str, missing))} of {info.world_size} did not start "
+                                       f"within {seconds:.0f} s (TRELLIS_RDZV_TIMEOUT)")
+            time.sleep(0.05)
+    while True:
+        if store.check(["trellis/current"]):
+            current = json.loads(store.get("trellis/current").decode())
+            if len(current["tokens"]) > info.rank and current["tokens"][info.rank] == token:
+                store.set(f"trellis/ack/{current['gen']}/{info.rank}", "1")
+                return int(current["gen"])
+        if time.monotonic() > deadline:
+            raise DistributedError(f"rank {info.rank}: rank 0 did not start within {seconds:.0f} s (TRELLIS_RDZV_TIMEOUT)")
+        time.sleep(0.05)
+
+
 def _register(store: Any, info: DistInfo, where: str) -> None:
     """Hand-started jobs: every rank registers; rank 0 checks the roll and says go or abort."""
     seconds = rendezvous_timeout().total_seconds()
@@ -174,11 +220,13 @@ def _register(store: Any, info: DistInfo, where: str) -> None:
                    "or raise TRELLIS_RDZV_TIMEOUT")
             store.set("trellis/abort", msg)
             raise DistributedError(msg)
-        worlds = {int(store.get(k).decode().split(":")[1]) for k in keys}
-        if worlds != {info.world_size}:
-            msg = f"ranks disagree on the world size: {sorted(worlds)}; give every node the same --num_nodes and --num_gpus"
-            store.set("trellis/abort", msg)
-            raise DistributedError(msg)
+        for k in keys:
+            r, w, host = store.get(k).decode().split(":", 2)
+            if int(w) != info.world_size:
+                msg = (f"rank {r} (host {host}) was started for a world of {w} processes but the master expects "
+                       f"{info.world_size}; give every node the same --num_nodes and --num_gpus")
+                store.set("trellis/abort", msg)
+                raise DistributedError(msg)
         store.set("trellis/go", "1")
         return
     # Not rank 0: compare world sizes as soon as rank 0 has published its own, then wait for go / abort.
@@ -205,11 +253,12 @@ def check_same_job(info: DistInfo, fingerprint: dict[str, str]) -> None:
     """All-gathers ``fingerprint`` (e.g. ``{"config": sha, "code": sha, "version": v}``) with each
     rank's node and host; raises ``ValueError`` on every rank, naming the ranks that differ from
     rank 0, when any entry differs. Also records the peers for ``roll_call``."""
-    global _PEERS
+    global _PEERS, _JOB_RESTARTS
     mine = {"rank": info.rank, "node": info.node_rank, "host": socket.gethostname(),
-            "world_size": info.world_size, "fingerprint": dict(fingerprint)}
+            "world_size": info.world_size, "fingerprint": dict(fingerprint), "restarts": restart_count()}
     peers = all_gather_object(mine)
     _PEERS = peers
+    _JOB_RESTARTS = max(p["restarts"] for p in peers)
     ref = peers[0]
     bad = []
     for p in peers[1:]:
@@ -235,13 +284,13 @@ def describe_rank(r: int) -> str:
 
 def roll_call(info: DistInfo, seconds: float | None = None) -> list[int] | None:
     """After a communication failure: checks this rank in at the store and waits up to ``seconds``
-    (default ``min(10, TRELLIS_DIST_TIMEOUT)``) for the others. Returns the ranks that never
+    (default ``min(10, TRELLIS_DIST_TIMEOUT / 2)``) for the others. Returns the ranks that never
     checked in (dead or hung), or None when the store itself (on the master node) is unreachable."""
     if _STORE is None:
         return None
     if seconds is None:
-        seconds = min(10.0, default_timeout().total_seconds())
-    prefix = f"trellis/alive/{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}/{restart_count()}"
+        seconds = min(10.0, default_timeout().total_seconds() / 2)
+    prefix = "trellis/alive"  # the store is private to this round of the job
     try:
         _STORE.set_timeout(datetime.timedelta(seconds=max(1.0, seconds)))
         _STORE.set(f"{prefix}/{info.rank}", "1")
@@ -269,7 +318,7 @@ def explain_comm_failure(info: DistInfo, e: BaseException) -> str:
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     missing = roll_call(info)
     if missing is None:
-        who = "the master node (rank 0's host, which holds the job's store) is unreachable"
+        who = "the node that holds the job's store (the master / rendezvous host) is unreachable: it died or the network broke"
     elif missing:
         who = "lost " + ", ".join(describe_rank(r) for r in missing) + ": it exited, was killed or hangs"
     else:
@@ -278,10 +327,10 @@ def explain_comm_failure(info: DistInfo, e: BaseException) -> str:
 
 
 def destroy_process_group() -> None:
-    global _STORE, _PEERS
+    global _STORE, _PEERS, _JOB_RESTARTS
     if dist.is_initialized():
         dist.destroy_process_group()
-    _STORE, _PEERS = None, []
+    _STORE, _PEERS, _JOB_RESTARTS = None, [], 0
 
 
 def rank() -> int:
