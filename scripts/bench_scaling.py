@@ -10,7 +10,7 @@ with N. Efficiency(N) = samples/s(N) / (N x samples/s(1)).
 Models: the SS VAE (``configs/vae/ss_vae_conv3d_16l8_fp16.json`` on synthetic voxels written by
 ``scripts/make_demo_voxels.py``) and the SS flow L (``configs/generation/ss_flow_img_dit_L_16l8_fp16.json``
 with ``FlowMatchingCFGTrainer`` and synthetic condition tokens [1374, 1024] from
-``scripts/bench_train.py``; the DINOv2 encoder is not part of the step). With N > 1 each model runs
+made on access; the DINOv2 encoder is not part of the step). With N > 1 each model runs
 twice: DDP as configured by default (``TRELLIS_DDP_BUCKET_MB`` / ``TRELLIS_DDP_GRAD_VIEW`` unset) and
 ``tuned`` (25 MB buckets, gradients as bucket views).
 
@@ -45,6 +45,28 @@ VARIANTS = {"default": {}, "tuned": {"TRELLIS_DDP_BUCKET_MB": "25", "TRELLIS_DDP
 
 
 # ------------------------------------------------------------------------------------------ worker
+class FlowLatents(torch.utils.data.Dataset):
+    """Synthetic SS-flow samples made on access: ``x_0`` float32 [C, R, R, R] (normal, seeded by the
+    index), ``cond`` float32 [L, C_cond] from a pool of 8 token sets; 4096 samples (long epochs)."""
+
+    def __init__(self, channels: int, resolution: int, cond_len: int, cond_channels: int, num: int = 4096):
+        g = torch.Generator().manual_seed(0)
+        self.pool = [torch.randn(cond_len, cond_channels, generator=g) for _ in range(8)]
+        self.shape = (channels, resolution, resolution, resolution)
+        self.num = num
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(int(i))
+        return {"x_0": torch.randn(self.shape, generator=g), "cond": self.pool[int(i) % 8], "_index": int(i)}
+
+    @staticmethod
+    def collate_fn(batch: list[dict]) -> dict:
+        return torch.utils.data.default_collate(batch)
+
+
 def build_trainer(which: str, info, data_root: str, out: str, tiny: bool, num_workers: int):
     from trellis.config import build_dataset, build_models
     from trellis.registry import TRAINERS
@@ -62,13 +84,8 @@ def build_trainer(which: str, info, data_root: str, out: str, tiny: bool, num_wo
         dataset = build_dataset(cfg, data_root)
         name = cfg["trainer"]["name"]
     else:
-        import bench_train
-
         args = cfg["models"]["denoiser"]["args"]
-        bench_train.C_COND = args["cond_channels"]
-        bench_train.L_COND = 16 if tiny else bench_train.L_COND
-        # Enough samples for several global batches per epoch at the largest N.
-        dataset = bench_train.SyntheticLatents(False, num=max(32, 8 * targs["batch_size_per_gpu"] * info.world_size // 4))
+        dataset = FlowLatents(args["in_channels"], args["resolution"], 16 if tiny else 1374, args["cond_channels"])
         targs.pop("image_cond_model", None)
         name = "FlowMatchingCFGTrainer"
     return TRAINERS.get(name)(models, dataset, output_dir=out, dist=info, **targs)
@@ -232,7 +249,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "voxels")
         t = time.perf_counter()
-        write_dataset(root, 16 if args.tiny else 96, seed=0, resolution=64)
+        write_dataset(root, 16 if args.tiny else 512, seed=0, resolution=64)
         print(f"voxel data written in {time.perf_counter() - t:.1f} s", flush=True)
         for n in counts:
             result = os.path.join(tmp, f"rows{n}.json")
@@ -255,6 +272,12 @@ def main() -> None:
                     rows += json.load(f)
             else:  # the rows rank 0 printed before the launch failed
                 rows += [json.loads(line) for line in text.splitlines() if line.startswith('{"model"')]
+            for r in rows:
+                if r["gpus"] == n:
+                    print(json.dumps(r), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
     for r in rows:
         if r["model"] == "allreduce" and r.get("busbw_gbs"):
             print(f"all-reduce {r['mib']} MiB fp16 on {r['gpus']} GPUs: {r['ms']:.2f} ms, bus bandwidth "
