@@ -259,3 +259,49 @@ def test_hand_started_nodes_train_and_bad_layouts_fail_fast(tmp_path, voxel_root
     for code, text in finish(*procs, timeout=60):
         assert code != 0 and "the master expects 2" in text, text[-3000:]
     assert not os.path.exists(os.path.join(bad, "ckpts"))
+
+
+FAKE_SRUN = """#!/bin/bash
+# Test stand-in for srun: drops srun's options, runs the command once per node (SLURM_NNODES), in parallel.
+while [[ $# -gt 0 && $1 == --* ]]; do shift; done
+pids=()
+for _ in $(seq "$SLURM_NNODES"); do "$@" & pids+=($!); done
+code=0
+for p in "${pids[@]}"; do wait "$p" || code=$?; done
+exit $code
+"""
+FAKE_SCONTROL = """#!/bin/bash
+# Test stand-in for scontrol: every node is 127.0.0.1; requeues are written to $SCONTROL_LOG.
+if [ "$1 $2" = "show hostnames" ]; then echo 127.0.0.1; echo 127.0.0.1; exit 0; fi
+echo "$@" >> "$SCONTROL_LOG"
+"""
+
+
+def test_sbatch_template_runs_nodes_requeues_and_resumes(tmp_path, voxel_root, reference):
+    cfg, ref = reference
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    out, log = str(tmp_path / "slurm_run"), str(tmp_path / "scontrol.log")
+    slurm = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[1-2]",
+             "SLURM_JOB_ID": "4242", "GPUS_PER_NODE": "1", "PYTHON": sys.executable, "RDZV_PORT": str(free_port()),
+             "MAX_RESTARTS": "0", "SCONTROL_LOG": log}
+    cmd = ["bash", os.path.join(ROOT, "slurm", "train.sbatch"), cfg, out, voxel_root, "--device", "cpu",
+           "--set", "trainer.args.i_print=1"]
+    # First start: rank 1 dies at step 3 -> the job fails and requeues itself.
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=env(**slurm, TRELLIS_FAULT_AT_STEP="3", TRELLIS_FAULT_RANK="1"))
+    assert r.returncode != 0
+    with open(log) as f:
+        assert f.read().split() == ["requeue", "4242"]
+    assert ckpt.find_latest(out) == 2
+    # The requeued start (SLURM_RESTART_COUNT=1) resumes from step 2 and matches the uninterrupted run.
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=env(**{**slurm, "SLURM_RESTART_COUNT": "1", "RDZV_PORT": str(free_port())}))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
+    assert_close_weights(weights(ref, 4), weights(out, 4))
+    with open(log) as f:
+        assert f.read().split() == ["requeue", "4242"]  # no second requeue
