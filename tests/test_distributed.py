@@ -162,8 +162,10 @@ def test_two_nodes_of_two_processes_match_one_process(tmp_path, voxel_root, refe
     cfg, ref = reference
     out = str(tmp_path / "four")
     port = free_port()
-    a = start_node(cfg, out, voxel_root, port, nproc=2, host=True)
-    b = start_node(cfg, out, voxel_root, port, nproc=2, host=False)
+    # Also checks the DDP tuning knobs: many small buckets, gradients as views into them.
+    e = env(TRELLIS_DDP_BUCKET_MB="0.01", TRELLIS_DDP_GRAD_VIEW="1")
+    a = start_node(cfg, out, voxel_root, port, nproc=2, host=True, environ=e)
+    b = start_node(cfg, out, voxel_root, port, nproc=2, host=False, environ=e)
     for code, text in finish(a, b):
         assert code == 0, text[-3000:]
     assert_close_weights(weights(ref, 4), weights(out, 4))
@@ -305,3 +307,52 @@ def test_sbatch_template_runs_nodes_requeues_and_resumes(tmp_path, voxel_root, r
     assert_close_weights(weights(ref, 4), weights(out, 4))
     with open(log) as f:
         assert f.read().split() == ["requeue", "4242"]  # no second requeue
+
+
+def _fake_trainer(n: int, per_gpu: int, world: int, sampler_cls=None):
+    from types import SimpleNamespace
+
+    from trellis.datasets.samplers import ResumableSampler
+
+    ds = list(range(n))
+    sampler = (sampler_cls or ResumableSampler)(ds, 0, world, shuffle=True, seed=3)
+    return SimpleNamespace(sampler=sampler, dataset=ds, batch_size_per_gpu=per_gpu,
+                           dist=SimpleNamespace(world_size=world, is_main=False))
+
+
+@pytest.mark.parametrize("n", [10, 11, 12, 13])
+def test_global_batches_do_not_depend_on_the_world_size(n):
+    """The global batch of every step (the union of the ranks' batches) is the same for 1, 2 and 4
+    ranks, across epochs: epochs hold whole global batches of the unpadded order."""
+    from trellis.datasets.samplers import ResumableSampler
+    from trellis.trainers.base import Trainer
+
+    global_batch = 4
+
+    def steps(world: int, epochs: int = 3) -> list[list[int]]:
+        per = global_batch // world
+        ranks = [ResumableSampler(list(range(n)), r, world, shuffle=True, seed=3) for r in range(world)]
+        k = Trainer.epoch_steps(_fake_trainer(n, per, world))
+        out = []
+        for epoch in range(epochs):
+            orders = [s.epoch_indices(epoch) for s in ranks]
+            for i in range(k):
+                out.append(sorted(x for o in orders for x in o[i * per:(i + 1) * per]))
+        return out
+
+    one = steps(1)
+    assert len(one) == 3 * (n // global_batch)
+    assert steps(2) == one and steps(4) == one
+
+
+def test_data_position_rescales_to_another_world_size():
+    from trellis.trainers.base import Trainer
+    from trellis.trainers.checkpoint import CheckpointError
+
+    t = _fake_trainer(12, 1, 4)
+    assert Trainer._rescale_data_state(t, {"epoch": 2, "idx": 2}, 2, "misc.pt") == {"epoch": 2, "idx": 1}
+    t = _fake_trainer(12, 4, 1)
+    assert Trainer._rescale_data_state(t, {"epoch": 0, "idx": 1}, 4, "misc.pt") == {"epoch": 0, "idx": 4}
+    t = _fake_trainer(12, 1, 3)
+    with pytest.raises(CheckpointError, match="does not split evenly over 3 ranks"):
+        Trainer._rescale_data_state(t, {"epoch": 0, "idx": 1}, 2, "misc.pt")
