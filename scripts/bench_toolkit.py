@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--stages", default="render,voxelize,render_cond")
     p.add_argument("--feature_model", default="dinov2_vitl14_reg")
     p.add_argument("--feature_batch", type=int, default=16, help="views per ViT forward")
+    p.add_argument("--tf32", action="store_true", help="extract_feature with TensorFloat-32 matmuls")
     args = p.parse_args()
     stages = args.stages.split(",")
     dev = render.resolve_device(args.device)
@@ -61,7 +62,8 @@ def main() -> None:
         if "extract_feature" in stages and args.feature_model != "tiny":
             weights = random_dinov2_weights(args.feature_model, root)
         jobs = {
-            "extract_feature": extract_feature.make_stage(args.feature_model, weights, args.feature_batch, device=dev),
+            "extract_feature": extract_feature.make_stage(args.feature_model, weights, args.feature_batch, device=dev,
+                                                          tf32=args.tf32),
             "render": render.make_stage("local", args.num_views, args.resolution, device=dev, ssaa=args.ssaa),
             "voxelize": voxelize.make_stage(),
             "render_cond": render_cond.make_stage("local", args.cond_views, args.cond_resolution, device=dev,
@@ -81,7 +83,8 @@ def main() -> None:
             elif key == "render_cond":
                 what = f"views {args.cond_views}, res {args.cond_resolution}, ssaa {args.ssaa}"
             elif key == "extract_feature":
-                what = f"model {args.feature_model}, views rendered above, batch {args.feature_batch}"
+                what = (f"model {args.feature_model}, views rendered above, batch {args.feature_batch}"
+                        f"{', tf32' if args.tf32 else ''}")
             else:
                 what = "64^3"
             print(f"RESULT {key}: {per:.2f} s/asset over {n} assets (first asset {first:.2f} s); {what}")
