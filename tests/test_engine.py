@@ -260,3 +260,17 @@ def test_finetune_ckpt_lists_mismatched_keys(tmp_path, voxel_root, tiny_config, 
     assert "shape mismatch (kept init): out_layer.2.weight" in out
     assert "shape mismatch (kept init): input_layer.weight" in out
     assert "finetune: encoder" in out and "tryrun OK" in out
+
+
+def test_compile_option_wraps_from_outside(tmp_path, voxel_root, tiny_config):
+    path, cfg, write = tiny_config
+    cfg["trainer"]["args"]["max_steps"] = 2
+    write()
+    plain, compiled = str(tmp_path / "plain"), str(tmp_path / "compiled")
+    assert run_inprocess("--config", path, "--output_dir", plain, "--data_dir", voxel_root) == 0
+    # The eager backend exercises the wrapping (dynamo tracing) without a C++ toolchain run.
+    assert run_inprocess("--config", path, "--output_dir", compiled, "--data_dir", voxel_root,
+                         "--set", 'trainer.args.compile={"backend": "eager"}') == 0
+    a, b = load_models(plain, 2), load_models(compiled, 2)
+    assert all(not k.startswith("_orig_mod") for k in b["encoder"])  # plain state-dict keys
+    assert_same_state(a, b, exact=False, atol=1e-6)

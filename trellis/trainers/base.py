@@ -88,6 +88,8 @@ class Trainer(SnapshotMixin, ToolsMixin):
         num_workers: data-loader worker processes (default: min(4, CPUs per local rank)).
         snapshot_samples: samples per snapshot.
         wandb: kwargs for ``wandb.init`` to also log there (needs wandb installed).
+        compile: wrap each trained model in ``torch.compile`` (True, or a dict of its kwargs) from the
+            outside; checkpoints, snapshots and state dicts use the plain models.
     """
 
     def __init__(self, models: dict[str, nn.Module], dataset: Any, *, output_dir: str,
@@ -100,7 +102,8 @@ class Trainer(SnapshotMixin, ToolsMixin):
                  log_param_stats: bool = False, prefetch_data: bool = True,
                  i_print: int = 1000, i_log: int = 500, i_sample: int = 10000, i_save: int = 10000,
                  i_ddpcheck: int = 10000, keep_last: int | None = None, seed: int = 0,
-                 num_workers: int | None = None, snapshot_samples: int = 16, wandb: dict | None = None):
+                 num_workers: int | None = None, snapshot_samples: int = 16, wandb: dict | None = None,
+                 compile: bool | dict = False):
         self.dist = dist or DistInfo()
         self.device = self.dist.device
         self.models = models
@@ -128,7 +131,9 @@ class Trainer(SnapshotMixin, ToolsMixin):
             if fp16_mode != "inflat_all" and getattr(model, "use_fp16", False) and hasattr(model, "convert_to_fp32"):
                 model.convert_to_fp32()
             model.to(self.device)
-        self.training_models = {k: self._wrap(m) for k, m in models.items()}
+        compile_kwargs = compile if isinstance(compile, dict) else ({} if compile else None)
+        self.training_models = {k: self._wrap(m if compile_kwargs is None else torch.compile(m, **compile_kwargs))
+                                for k, m in models.items()}
         self.params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("no trainable parameters")
