@@ -14,7 +14,6 @@ Each case's ``variants(dtype)`` yields ``(label, fwd_fn, fwd_bwd_fn)`` for every
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import bf16_peak_tflops, cuda_time_ms  # noqa: E402
 
 from trellis.backends import has_module, use_backend  # noqa: E402
 from trellis.modules.sparse import SparseTensor  # noqa: E402
@@ -62,29 +63,6 @@ def shells(batch: int, res: int, channels: int, dtype: torch.dtype, seed: int = 
     coords = torch.cat(coords).int()
     feats = torch.randn(coords.shape[0], channels, device=dev, dtype=dtype)
     return SparseTensor(feats, coords, shape=[batch, channels])
-
-
-# ---------------------------------------------------------------------- timing
-def cuda_time_ms(fn: Fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def bf16_peak_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = cuda_time_ms(lambda: a @ b, reps=10)
-    return 2 * 8192**3 / ms / 1e9
 
 
 # ---------------------------------------------------------------------- cases

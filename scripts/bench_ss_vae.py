@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 
@@ -22,27 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
+from bench_common import bf16_peak_tflops, cuda_time_ms  # noqa: E402
 from make_demo_voxels import write_dataset  # noqa: E402
 
 from trellis.config import build_dataset, build_models  # noqa: E402
 from trellis.registry import TRAINERS  # noqa: E402
 from trellis.utils.dist import DistInfo  # noqa: E402
-
-
-def matmul_peak(device: torch.device) -> float:
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * 8192 ** 3 / statistics.median(times) / 1e12
 
 
 def bench(mode: str, batch: int, steps: int, data_root: str, device: torch.device) -> dict:
@@ -60,19 +44,13 @@ def bench(mode: str, batch: int, steps: int, data_root: str, device: torch.devic
         data = trainer.batches()
         batches = [next(data) for _ in range(4)]
         torch.cuda.reset_peak_memory_stats(device)
-        for i in range(3):
-            trainer.run_step(batches[i % 4])
-        torch.cuda.synchronize()
-        times = []
-        for i in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            trainer.run_step(batches[i % 4])
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+        step = iter(range(10 ** 9))  # cycles through the four batches
+
+        def one_step() -> None:
+            trainer.run_step(batches[next(step) % len(batches)])
+
+        t = cuda_time_ms(one_step, reps=steps, warmup=3) / 1e3
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    t = statistics.median(times)
     return {"mode": mode, "batch": batch, "step_ms": t * 1e3, "steps_per_s": 1 / t, "samples_per_s": batch / t,
             "peak_gib": peak}
 
@@ -86,7 +64,7 @@ def main() -> None:
         sys.exit("bench_ss_vae.py needs a CUDA device")
     device = torch.device("cuda", 0)
     print(f"card: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
-          f"bf16 matmul peak {matmul_peak(device):.0f} TFLOP/s")
+          f"bf16 matmul peak {bf16_peak_tflops(device):.0f} TFLOP/s")
     with tempfile.TemporaryDirectory() as root:
         write_dataset(root, 16, seed=0)
         rows = [bench(mode, args.batch, args.steps, root, device) for mode in ("inflat_all", "bf16")]
