@@ -30,29 +30,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from bench_common import bf16_peak_tflops  # noqa: E402
+
 from trellis.datasets.structured_latent import SLat  # noqa: E402
 from trellis.registry import MODELS, TRAINERS  # noqa: E402
 from trellis.utils.dist import DistInfo  # noqa: E402
 
 CONFIGS = {"ss": "ss_flow_img_dit_L_16l8_fp16", "slat": "slat_flow_img_dit_L_64l8p2_fp16"}
 L_COND, C_COND = 1374, 1024
-
-
-def matmul_peak(device: torch.device) -> float:
-    """Measured bf16 8192^3 matmul rate, TFLOP/s (random operands, median of 20)."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    times = []
-    for _ in range(20):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * 8192 ** 3 / statistics.median(times) / 1e12
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -233,7 +219,7 @@ def main() -> None:
         sys.exit("bench_train.py needs a CUDA device")
     device = torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = True
-    peak = matmul_peak(device)
+    peak = bf16_peak_tflops(device)
     print(f"card: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
           f"bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     runs = [(w, m, False) for w in args.which.split(",") for m in args.modes.split(",")]
