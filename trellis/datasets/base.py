@@ -141,3 +141,32 @@ def aesthetic_filter(df: pd.DataFrame, min_aesthetic_score: float | None) -> pd.
     if min_aesthetic_score is None or "aesthetic_score" not in df.columns:
         return df
     return df[pd.to_numeric(df["aesthetic_score"], errors="coerce") >= min_aesthetic_score]
+
+
+def flag_filter(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Rows whose stage flag ``column`` is true (a missing column keeps nothing)."""
+    return df[bool_column(df, column, "metadata.csv").to_numpy()]
+
+
+def num_voxels_filter(df: pd.DataFrame, max_num_voxels: int) -> pd.DataFrame:
+    """Rows with ``num_voxels <= max_num_voxels`` (a missing column keeps nothing)."""
+    if "num_voxels" not in df.columns:
+        return df.iloc[:0]
+    return df[(pd.to_numeric(df["num_voxels"], errors="coerce") <= max_num_voxels).to_numpy()]
+
+
+def standard_filters(df: pd.DataFrame, flag: str, min_aesthetic_score: float | None,
+                     max_num_voxels: int | None = None) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
+    """The filter chain every TRELLIS dataset applies, in order: the stage ``flag``; ``aesthetic_score >=
+    min_aesthetic_score`` (where the column exists; None skips it); ``num_voxels <= max_num_voxels``
+    (when given). Returns the rows left and the funnel ``[(filter, rows left), ...]``."""
+    stats = []
+    df = flag_filter(df, flag)
+    stats.append((flag, len(df)))
+    if min_aesthetic_score is not None:
+        df = aesthetic_filter(df, min_aesthetic_score)
+        stats.append((f"aesthetic_score >= {min_aesthetic_score}", len(df)))
+    if max_num_voxels is not None:
+        df = num_voxels_filter(df, max_num_voxels)
+        stats.append((f"num_voxels <= {max_num_voxels}", len(df)))
+    return df, stats

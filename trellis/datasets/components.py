@@ -20,14 +20,14 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from trellis.datasets.base import ASSET_ERRORS, FailedSample, StandardDatasetBase, bool_column
+from trellis.datasets.base import ASSET_ERRORS, FailedSample, StandardDatasetBase, flag_filter
 from trellis.modules.sparse import SparseTensor
 from trellis.utils.geometry import c2w_blender_to_extrinsics, fov_to_intrinsics
 
 __all__ = [
     "SampleKey", "sample_rng", "KeyedDataset", "read_npz", "load_transforms", "load_render_view",
-    "load_condition_image", "choose_caption", "balanced_groups", "collate_sparse", "flag_filter",
-    "num_voxels_filter", "normalization_tensors", "TextConditionedMixin", "ImageConditionedMixin",
+    "load_condition_image", "choose_caption", "balanced_groups", "collate_sparse",
+    "normalization_tensors", "TextConditionedMixin", "ImageConditionedMixin",
 ]
 
 
@@ -273,18 +273,6 @@ def collate_sparse(batch: list[Any], sparse_key: str) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- filters
-def flag_filter(df: pd.DataFrame, column: str) -> pd.DataFrame:
-    """Rows whose stage flag ``column`` is true (a missing column keeps nothing)."""
-    return df[bool_column(df, column, "metadata.csv").to_numpy()]
-
-
-def num_voxels_filter(df: pd.DataFrame, max_num_voxels: int) -> pd.DataFrame:
-    """Rows with ``num_voxels <= max_num_voxels`` (a missing column keeps nothing)."""
-    if "num_voxels" not in df.columns:
-        return df.iloc[:0]
-    return df[(pd.to_numeric(df["num_voxels"], errors="coerce") <= max_num_voxels).to_numpy()]
-
-
 def normalization_tensors(normalization: dict | None, where: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``{"mean": [C], "std": [C]}`` -> (mean [C], std [C]) float32, or None."""
     if normalization is None:

@@ -15,13 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trellis.datasets.base import aesthetic_filter
+from trellis.datasets.base import standard_filters
 from trellis.datasets.components import (
     KeyedDataset,
     collate_sparse,
-    flag_filter,
     load_render_view,
-    num_voxels_filter,
     read_npz,
 )
 
@@ -53,14 +51,7 @@ class SparseFeat2Render(KeyedDataset):
         super().__init__(roots, max_bad_fraction=max_bad_fraction)
 
     def filter_metadata(self, metadata: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
-        stats = []
-        df = flag_filter(metadata, f"feature_{self.model}")
-        stats.append((f"feature_{self.model}", len(df)))
-        df = aesthetic_filter(df, self.min_aesthetic_score)
-        stats.append((f"aesthetic_score >= {self.min_aesthetic_score}", len(df)))
-        df = num_voxels_filter(df, self.max_num_voxels)
-        stats.append((f"num_voxels <= {self.max_num_voxels}", len(df)))
-        return df, stats
+        return standard_filters(metadata, f"feature_{self.model}", self.min_aesthetic_score, self.max_num_voxels)
 
     def get_instance(self, root: str, sha256: str, rng: np.random.Generator) -> dict[str, Any]:
         pack = load_render_view(os.path.join(root, "renders", sha256), self.image_size, rng)

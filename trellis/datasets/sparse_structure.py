@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trellis.datasets.base import StandardDatasetBase, aesthetic_filter, bool_column
+from trellis.datasets.base import StandardDatasetBase, standard_filters
 from trellis.utils.ply import read_voxel_ply
 
 
@@ -47,13 +47,7 @@ class SparseStructure(StandardDatasetBase):
         super().__init__(roots, max_bad_fraction=max_bad_fraction)
 
     def filter_metadata(self, metadata: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
-        stats = []
-        metadata = metadata[bool_column(metadata, "voxelized", "metadata.csv")]
-        stats.append(("voxelized", len(metadata)))
-        if "aesthetic_score" in metadata.columns and self.min_aesthetic_score is not None:
-            metadata = aesthetic_filter(metadata, self.min_aesthetic_score)
-            stats.append((f"aesthetic_score >= {self.min_aesthetic_score}", len(metadata)))
-        return metadata, stats
+        return standard_filters(metadata, "voxelized", self.min_aesthetic_score)
 
     def get_instance(self, root: str, sha256: str) -> dict[str, torch.Tensor]:
         return {"ss": load_occupancy(os.path.join(root, "voxels", f"{sha256}.ply"), self.resolution)}

@@ -18,12 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trellis.datasets.base import aesthetic_filter
+from trellis.datasets.base import standard_filters
 from trellis.datasets.components import (
     ImageConditionedMixin,
     KeyedDataset,
     TextConditionedMixin,
-    flag_filter,
     normalization_tensors,
     read_npz,
 )
@@ -49,12 +48,7 @@ class SparseStructureLatent(KeyedDataset):
         super().__init__(roots, max_bad_fraction=max_bad_fraction)
 
     def filter_metadata(self, metadata: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
-        stats = []
-        df = flag_filter(metadata, f"ss_latent_{self.latent_model}")
-        stats.append((f"ss_latent_{self.latent_model}", len(df)))
-        df = aesthetic_filter(df, self.min_aesthetic_score)
-        stats.append((f"aesthetic_score >= {self.min_aesthetic_score}", len(df)))
-        return df, stats
+        return standard_filters(metadata, f"ss_latent_{self.latent_model}", self.min_aesthetic_score)
 
     def get_instance(self, root: str, sha256: str, rng: np.random.Generator) -> dict[str, Any]:
         path = os.path.join(root, "ss_latents", self.latent_model, f"{sha256}.npz")

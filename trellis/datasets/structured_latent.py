@@ -17,16 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trellis.datasets.base import FailedSample, aesthetic_filter
+from trellis.datasets.base import FailedSample, standard_filters
 from trellis.datasets.components import (
     ImageConditionedMixin,
     KeyedDataset,
     TextConditionedMixin,
     balanced_groups,
     collate_sparse,
-    flag_filter,
     normalization_tensors,
-    num_voxels_filter,
 )
 from trellis.datasets.structured_latent2render import load_latent
 
@@ -54,14 +52,8 @@ class SLat(KeyedDataset):
         self.loads = [int(self.metadata[root].loc[sha, "num_voxels"]) for root, sha in self.instances]
 
     def filter_metadata(self, metadata: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
-        stats = []
-        df = flag_filter(metadata, f"latent_{self.latent_model}")
-        stats.append((f"latent_{self.latent_model}", len(df)))
-        df = aesthetic_filter(df, self.min_aesthetic_score)
-        stats.append((f"aesthetic_score >= {self.min_aesthetic_score}", len(df)))
-        df = num_voxels_filter(df, self.max_num_voxels)
-        stats.append((f"num_voxels <= {self.max_num_voxels}", len(df)))
-        return df, stats
+        return standard_filters(metadata, f"latent_{self.latent_model}", self.min_aesthetic_score,
+                                self.max_num_voxels)
 
     def get_instance(self, root: str, sha256: str, rng: np.random.Generator) -> dict[str, Any]:
         coords, feats = load_latent(root, self.latent_model, sha256)
