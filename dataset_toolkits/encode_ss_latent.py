@@ -29,7 +29,7 @@ from dataset_toolkits.encode_latent import (
     npz_done,
 )
 from dataset_toolkits.extract_feature import save_npz, voxel_indices
-from dataset_toolkits.stage import Stage, add_common_args, parse_instances, run_stage, stage_exit_code
+from dataset_toolkits.stage import Stage, add_common_args, run_stage_from_args
 from trellis.utils.ply import read_voxel_ply
 
 DEFAULT_SS_ENC = "ss_enc_conv3d_16l8_fp16"
@@ -79,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         setup=partial(encoder_setup, args.enc_pretrained, args.model_root, args.enc_model, args.ckpt,
                       args.ema_rate, args.device),
     )
-    counts = run_stage(stage, args.output_dir, rank=args.rank, world_size=args.world_size,
-                       max_workers=args.max_workers, instances=parse_instances(args.instances),
-                       retry_failed=args.retry_failed, merge=not args.no_merge, progress=not args.no_progress)
-    return stage_exit_code(counts)
+    return run_stage_from_args(stage, args)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dataset_toolkits.stage import Stage, add_common_args, parse_instances, run_stage, stage_exit_code
+from dataset_toolkits.stage import Stage, add_common_args, run_stage_from_args
 from trellis.datasets.components import load_transforms
 from trellis.encoders.dinov2 import PRESETS, DinoV2ViT, load_dinov2, normalize_images
 from trellis.utils.geometry import c2w_blender_to_extrinsics, fov_to_intrinsics
@@ -178,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tf32", action="store_true", help="TensorFloat-32 matmuls on CUDA (faster, slightly less exact)")
     args = p.parse_args(argv)
     write_model_info(args.output_dir, args.model)
-    counts = run_stage(make_stage(args.model, args.weights, args.batch_size, args.device, args.tf32), args.output_dir,
-                       rank=args.rank, world_size=args.world_size, max_workers=args.max_workers,
-                       instances=parse_instances(args.instances), retry_failed=args.retry_failed,
-                       merge=not args.no_merge, progress=not args.no_progress)
-    return stage_exit_code(counts)
+    return run_stage_from_args(make_stage(args.model, args.weights, args.batch_size, args.device, args.tf32), args)
 
 
 if __name__ == "__main__":

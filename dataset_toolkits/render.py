@@ -31,14 +31,7 @@ import numpy as np
 
 from dataset_toolkits.datasets import SOURCES, get_source
 from dataset_toolkits.mesh_io import load_asset, normalise, to_raster_mesh
-from dataset_toolkits.stage import (
-    AssetError,
-    Stage,
-    add_common_args,
-    parse_instances,
-    run_stage,
-    stage_exit_code,
-)
+from dataset_toolkits.stage import AssetError, Stage, add_common_args, run_stage_from_args
 from trellis.utils.geometry import (
     c2w_blender_to_extrinsics,
     conditioning_views,
@@ -227,10 +220,7 @@ def main(argv=None) -> int:
         find_blender(args.blender)  # fail before touching any asset
     stage = make_stage(args.source, args.num_views, args.resolution, args.renderer, args.device, args.ssaa,
                        args.max_faces, args.blender, args.torch_threads)
-    counts = run_stage(stage, args.output_dir, args.rank, args.world_size, args.max_workers,
-                       parse_instances(args.instances), args.retry_failed, merge=not args.no_merge,
-                       progress=not args.no_progress)
-    return stage_exit_code(counts)
+    return run_stage_from_args(stage, args)
 
 
 if __name__ == "__main__":

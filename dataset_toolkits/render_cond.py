@@ -24,7 +24,7 @@ from dataset_toolkits.render import (
     find_blender,
     render_asset,
 )
-from dataset_toolkits.stage import Stage, parse_instances, run_stage, stage_exit_code
+from dataset_toolkits.stage import Stage, run_stage_from_args
 
 __all__ = ["make_stage"]
 
@@ -53,10 +53,7 @@ def main(argv=None) -> int:
         find_blender(args.blender)
     stage = make_stage(args.source, args.num_views, args.resolution, args.renderer, args.device, args.ssaa,
                        args.max_faces, args.blender, args.torch_threads)
-    counts = run_stage(stage, args.output_dir, args.rank, args.world_size, args.max_workers,
-                       parse_instances(args.instances), args.retry_failed, merge=not args.no_merge,
-                       progress=not args.no_progress)
-    return stage_exit_code(counts)
+    return run_stage_from_args(stage, args)
 
 
 if __name__ == "__main__":

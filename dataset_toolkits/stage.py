@@ -217,3 +217,11 @@ def stage_exit_code(counts: Dict[str, int]) -> int:
     """0 unless every asset this run attempted failed (a systematic problem, e.g. a missing tool)."""
     attempted = counts["processed"] + counts["failed"]
     return 1 if attempted > 0 and counts["processed"] == 0 else 0
+
+
+def run_stage_from_args(stage: Stage, args: argparse.Namespace) -> int:
+    """Runs ``stage`` with the arguments of ``add_common_args``; returns the command's exit code."""
+    counts = run_stage(stage, args.output_dir, rank=args.rank, world_size=args.world_size,
+                       max_workers=args.max_workers, instances=parse_instances(args.instances),
+                       retry_failed=args.retry_failed, merge=not args.no_merge, progress=not args.no_progress)
+    return stage_exit_code(counts)

@@ -19,14 +19,7 @@ from functools import partial
 import numpy as np
 
 from dataset_toolkits.datasets import SOURCES
-from dataset_toolkits.stage import (
-    AssetError,
-    Stage,
-    add_common_args,
-    parse_instances,
-    run_stage,
-    stage_exit_code,
-)
+from dataset_toolkits.stage import AssetError, Stage, add_common_args, run_stage_from_args
 from trellis.utils.ply import PlyError, read_mesh_ply, read_voxel_ply, write_voxel_ply
 
 __all__ = ["voxelize_mesh", "voxel_centres", "make_stage"]
@@ -129,10 +122,7 @@ def main(argv=None) -> int:
     add_common_args(parser)
     parser.add_argument("--resolution", type=int, default=64, help="grid resolution (TRELLIS: 64)")
     args = parser.parse_args(argv)
-    counts = run_stage(make_stage(args.resolution), args.output_dir, args.rank, args.world_size,
-                       args.max_workers, parse_instances(args.instances), args.retry_failed,
-                       merge=not args.no_merge, progress=not args.no_progress)
-    return stage_exit_code(counts)
+    return run_stage_from_args(make_stage(args.resolution), args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dataset_toolkits import build_metadata, ledger, render, render_cond, voxelize
+from dataset_toolkits.stage import run_stage
 from dataset_toolkits.voxelize import voxelize_mesh
 from trellis.utils.geometry import c2w_blender_to_extrinsics, fov_to_intrinsics
 from trellis.utils.ply import read_mesh_ply, read_voxel_ply
@@ -217,7 +218,7 @@ def test_resume_after_kill(tmp_path):
     done_dirs = [d for d in os.listdir(os.path.join(root, "renders")) if not d.startswith(".")]
     assert all(os.path.exists(os.path.join(root, "renders", d, "transforms.json")) for d in done_dirs)
     before = {d: os.path.getmtime(os.path.join(root, "renders", d, "000.png")) for d in done_dirs}
-    counts = render.run_stage(render.make_stage("local", 24, 96, ssaa=1), root, progress=False)
+    counts = run_stage(render.make_stage("local", 24, 96, ssaa=1), root, progress=False)
     assert counts["processed"] + counts["found_on_disk"] == 6 and counts["found_on_disk"] == len(done_dirs)
     assert len(done_dirs) < 6 or counts["processed"] == 0
     for d, t in before.items():  # finished assets were not redone
