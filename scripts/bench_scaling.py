@@ -230,7 +230,10 @@ def main() -> None:
     ap.add_argument("--max_gpus", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args)
+        worker(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # gloo can abort in the interpreter's shutdown after a clean run
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_scaling.py needs CUDA devices (or --device cpu for a smoke test)")
     from make_demo_voxels import write_dataset

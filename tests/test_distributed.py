@@ -73,14 +73,18 @@ def start_node(cfg: str, out: str, data: str, port: int, *extra: str, nproc: int
 
 
 def finish(*procs: subprocess.Popen, timeout: float = 120) -> list[tuple[int, str]]:
+    """Waits for every node; on a timeout kills them all and shows what each printed."""
     out = []
+    deadline = time.monotonic() + timeout
     for p in procs:
         try:
-            text, _ = p.communicate(timeout=timeout)
+            text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            kill_node(p)
-            text, _ = p.communicate()
-            raise AssertionError(f"a node did not finish within {timeout} s:\n{text[-3000:]}") from None
+            for q in procs:
+                kill_node(q)
+            texts = [q.communicate()[0] for q in procs]
+            shown = "\n".join(f"--- node {i}:\n{t[-4000:]}" for i, t in enumerate(texts))
+            raise AssertionError(f"the nodes did not finish within {timeout} s:\n{shown}") from None
         out.append((p.returncode, text))
     return out
 

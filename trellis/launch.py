@@ -122,6 +122,18 @@ def _spawn_entry(local_rank: int, nproc: int, world: int, device: str, args: arg
 
 
 def worker(layout: tuple[int, int, int, int], device: str, args: argparse.Namespace, cfg: dict) -> int:
+    """Runs one rank; returns its exit code. A rank of a multi-process job ends its process here with
+    ``os._exit`` once everything is closed: torch's gloo backend can abort (SIGABRT) in the
+    interpreter's shutdown after a clean run, which torchrun would count as a failure."""
+    code = _worker(layout, device, args, cfg)
+    if layout[1] > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _worker(layout: tuple[int, int, int, int], device: str, args: argparse.Namespace, cfg: dict) -> int:
     rank, world, local, local_world = layout
     if device == "cuda":
         torch.cuda.set_device(local)
