@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 LOG=${OUT:-gpu_check_logs}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-ONLY=${GPU_CHECK_ONLY:-"tests ss_vae sparse attention train toolkit"}
+ONLY=${GPU_CHECK_ONLY:-"tests ss_vae sparse attention train toolkit scaling"}
 status=0
 step() {  # step NAME CMD...
     local name=$1; shift
@@ -33,4 +33,10 @@ step ss_vae $PY scripts/bench_ss_vae.py
 [ -f scripts/bench_attention.py ] && step attention $PY scripts/bench_attention.py
 [ -f scripts/bench_train.py ] && step train $PY scripts/bench_train.py
 step toolkit $PY scripts/bench_toolkit.py --device cuda --limit 5 --stages render,voxelize,extract_feature
+# Scaling needs several GPUs (1, 2 and 4 are measured where present).
+ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -gt 1 ]; then
+    gpus=1,2; [ "$ngpu" -ge 4 ] && gpus=1,2,4
+    step scaling $PY scripts/bench_scaling.py --gpus "$gpus" --json "$LOG/scaling.json"
+fi
 exit $status
