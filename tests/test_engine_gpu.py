@@ -1,0 +1,39 @@
+"""The engine on CUDA: every precision mode trains a few steps of the tiny SS VAE, resumes exactly,
+and inflat_all keeps the fp16 torso with fp32 masters (run by scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import load_models, run_inprocess
+
+from trellis.trainers import checkpoint as ckpt
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("mode", ["inflat_all", "amp", "bf16", None])
+def test_precision_modes_train_and_resume_on_cuda(tmp_path, voxel_root, tiny_config, mode):
+    path, cfg, write = tiny_config
+    cfg["trainer"]["args"].update(max_steps=4, i_save=2, fp16_mode=mode)
+    use_fp16 = mode == "inflat_all"
+    for key in ("encoder", "decoder"):
+        cfg["models"][key]["args"]["use_fp16"] = use_fp16
+    write()
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    args = ["--config", path, "--data_dir", voxel_root, "--device", "cuda"]
+    assert run_inprocess(*args, "--output_dir", full) == 0
+    assert run_inprocess(*args, "--output_dir", part, "--set", "trainer.args.max_steps=2") == 0
+    assert run_inprocess(*args, "--output_dir", part) == 0
+    a, b = load_models(full, 4), load_models(part, 4)
+    for key in a:
+        for name in a[key]:
+            assert a[key][name].dtype == torch.float32 or not a[key][name].is_floating_point()
+            assert torch.isfinite(a[key][name]).all(), name
+            # cuDNN may pick other algorithms after a restart: equal to float tolerance, not bitwise.
+            torch.testing.assert_close(a[key][name], b[key][name], atol=1e-4, rtol=1e-3)
+    misc = torch.load(ckpt.misc_file(full, 4), weights_only=False)
+    if mode == "inflat_all":
+        assert misc["precision"]["log_scale"] > 19.0
+    if mode == "amp":
+        assert "scaler" in misc["precision"]
