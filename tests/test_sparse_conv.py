@@ -246,3 +246,11 @@ def test_spconv_matches_torch(k, stride):
 def _key(c):
     c = c.long()
     return ((c[:, 0] * 4096 + c[:, 1]) * 4096 + c[:, 2]) * 4096 + c[:, 3]
+
+
+def test_bad_input_is_a_clear_error():
+    x = SparseTensor(torch.randn(5, 4), torch.tensor([[0, 1, 1, 1], [0, 1, 1, 2], [0, 2, 2, 2], [1, 0, 0, 0], [1, 3, 3, 3]]))
+    with pytest.raises(ValueError, match=r"SparseConv3d: expected feats \[N, 3\], got \[5, 4\]"):
+        SparseConv3d(3, 8, 3)(x)
+    with pytest.raises(TypeError, match="does not match weight dtype"):
+        SparseConv3d(4, 8, 3)(x.replace(x.feats.double()))
