@@ -53,6 +53,18 @@ def _import_off(path):
     bpy.context.scene.collection.objects.link(obj)
 
 
+def _numpy_aliases_for_old_gltf_importer():
+    """Blender 3.x's glTF importer uses ``np.bool``, removed in NumPy 1.24; distributions that run
+    Blender on the system NumPy (Debian 12: Blender 3.4 + NumPy 1.24) need the alias back."""
+    try:
+        import numpy
+    except ImportError:
+        raise RuntimeError("Blender's glTF importer needs NumPy in Blender's Python "
+                           "(Debian/Ubuntu: apt-get install python3-numpy)") from None
+    if not hasattr(numpy, "bool"):
+        numpy.bool = bool
+
+
 def _import(path):
     ext = os.path.splitext(path)[1].lower()
     if ext == ".blend":
@@ -65,6 +77,7 @@ def _import(path):
                 bpy.data.collections.remove(coll)
         return
     if ext in (".glb", ".gltf"):
+        _numpy_aliases_for_old_gltf_importer()
         bpy.ops.import_scene.gltf(filepath=path, merge_vertices=True, import_shading="NORMALS")
     elif ext == ".obj":
         if hasattr(bpy.ops.wm, "obj_import") and MAJOR >= 4:
@@ -165,7 +178,8 @@ def _render_settings(resolution):
     scene.cycles.glossy_bounces = 1
     scene.cycles.transparent_max_bounces = 3
     scene.cycles.transmission_bounces = 3
-    scene.cycles.use_denoising = True
+    # Denoise as the original does, where this Blender build has OpenImageDenoise (Debian's does not).
+    scene.cycles.use_denoising = bool(getattr(bpy.app.build_options, "openimagedenoise", False))
     prefs = bpy.context.preferences.addons["cycles"].preferences
     for kind in ("OPTIX", "CUDA", "HIP", "METAL"):
         try:

@@ -69,26 +69,55 @@ def test_y_up_formats_are_rotated_to_z_up(demo_root):
         assert np.ptp(low[:, 0]) > 0.3  # four separate legs at the bottom, spread in x
 
 
+def assert_voxels_inside_alpha_masks(root: str, sha: str) -> None:
+    """Every view's camera projects the asset's voxel centres into that view's alpha mask."""
+    pts = read_voxel_ply(os.path.join(root, "voxels", f"{sha}.ply")).astype(np.float64)
+    assert np.allclose(((pts + 0.5) * 64 - 0.5) % 1, 0, atol=1e-4)  # centres (i + 0.5)/64 - 0.5
+    tf = json.load(open(os.path.join(root, "renders", sha, "transforms.json")))
+    for fr in tf["frames"]:
+        ext = c2w_blender_to_extrinsics(np.array(fr["transform_matrix"]))
+        intr = fov_to_intrinsics(fr["camera_angle_x"])
+        cam = pts @ ext[:3, :3].T + ext[:3, 3]
+        uv = cam[:, :2] / cam[:, 2:] * intr[0, 0] + 0.5
+        alpha = np.asarray(Image.open(os.path.join(root, "renders", sha, fr["file_path"])))[..., 3] > 0
+        res = alpha.shape[0]
+        # Dilate by one pixel: a voxel centre is up to half a voxel diagonal off the surface.
+        dil = alpha.copy()
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                dil |= np.roll(np.roll(alpha, dy, 0), dx, 1)
+        px = np.floor(uv * res).astype(int)
+        ok = (px >= 0).all(1) & (px < res).all(1)
+        assert dil[px[ok, 1], px[ok, 0]].mean() > 0.98, (sha, fr["file_path"])
+
+
 def test_voxels_project_inside_alpha_masks(demo_root):
-    meta = ledger.read_metadata(demo_root)
-    for sha in meta["sha256"]:
-        pts = read_voxel_ply(os.path.join(demo_root, "voxels", f"{sha}.ply")).astype(np.float64)
-        assert np.allclose(((pts + 0.5) * 64 - 0.5) % 1, 0, atol=1e-4)  # centres (i + 0.5)/64 - 0.5
-        tf = json.load(open(os.path.join(demo_root, "renders", sha, "transforms.json")))
-        for fr in tf["frames"]:
-            ext = c2w_blender_to_extrinsics(np.array(fr["transform_matrix"]))
-            intr = fov_to_intrinsics(fr["camera_angle_x"])
-            cam = pts @ ext[:3, :3].T + ext[:3, 3]
-            uv = cam[:, :2] / cam[:, 2:] * intr[0, 0] + 0.5
-            alpha = np.asarray(Image.open(os.path.join(demo_root, "renders", sha, fr["file_path"])))[..., 3] > 0
-            # Dilate by one pixel: a voxel centre is up to half a voxel diagonal off the surface.
-            dil = alpha.copy()
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    dil |= np.roll(np.roll(alpha, dy, 0), dx, 1)
-            px = np.floor(uv * 64).astype(int)
-            ok = (px >= 0).all(1) & (px < 64).all(1)
-            assert dil[px[ok, 1], px[ok, 0]].mean() > 0.98, (sha, fr["file_path"])
+    for sha in ledger.read_metadata(demo_root)["sha256"]:
+        assert_voxels_inside_alpha_masks(demo_root, sha)
+
+
+@pytest.mark.skipif(shutil.which("blender") is None, reason="no blender executable (apt-get install blender)")
+def test_blender_renderer_matches_the_builtin_geometry(tmp_path):
+    """``--renderer blender`` (Cycles in a subprocess): the same cameras and normalised mesh as the
+    builtin renderer, and the voxels of its mesh.ply project inside its alpha masks."""
+    assets = str(tmp_path / "in")
+    _copy_demo(assets, ["mug.ply", "chair.glb"])
+    roots = {}
+    for renderer in ("blender", "builtin"):
+        root = roots[renderer] = str(tmp_path / renderer)
+        assert build_metadata.main(["local", "--input", assets, "--output_dir", root]) == 0
+        assert render.main(["local", "--output_dir", root, "--renderer", renderer, "--num_views", "3",
+                            "--resolution", "64", "--ssaa", "1", "--no_progress"]) == 0
+    assert voxelize.main(["local", "--output_dir", roots["blender"], "--no_progress"]) == 0
+    for sha in ledger.read_metadata(roots["blender"])["sha256"]:
+        assert_voxels_inside_alpha_masks(roots["blender"], sha)
+        frames = [json.load(open(os.path.join(r, "renders", sha, "transforms.json")))["frames"] for r in roots.values()]
+        for a, b in zip(*frames):  # cameras are seeded by the sha256
+            assert np.allclose(a["transform_matrix"], b["transform_matrix"], atol=1e-5)
+        v_blender, _ = read_mesh_ply(os.path.join(roots["blender"], "renders", sha, "mesh.ply"))
+        v_builtin, _ = read_mesh_ply(os.path.join(roots["builtin"], "renders", sha, "mesh.ply"))
+        assert np.allclose(v_builtin.min(0), v_blender.min(0), atol=2e-3)
+        assert np.allclose(v_builtin.max(0), v_blender.max(0), atol=2e-3)
 
 
 def _clip_polygon(poly, axis, bound, keep_below):
