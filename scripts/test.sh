@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+# spconv's CPU build lets the tests compare our sparse convolution with it (optional: skipped without it).
+.venv/bin/python -m pip install -q -e ".[spconv]" >/dev/null 2>&1 || echo "note: spconv not installed; its comparison tests skip"
 exec .venv/bin/python -m pytest -q "$@"
