@@ -271,3 +271,34 @@ def test_sharded_render_covers_every_asset_once(tmp_path):
     build_metadata.main(["local", "--output_dir", root])
     meta = pd.read_csv(os.path.join(root, "metadata.csv"))
     assert meta["rendered"].all()
+
+
+def test_trellis500k_subset_source(tmp_path):
+    """An original source (here ABO): the released subset CSV plus assets the user downloaded (a
+    ``downloaded_<rank>.csv`` record with ``local_path``) go through the same stages."""
+    import hashlib
+
+    root = str(tmp_path / "abo")
+    os.makedirs(os.path.join(root, "raw"))
+    rows, downloaded = [], []
+    for name in ("mug.ply", "crate.glb"):
+        shutil.copy(os.path.join(DEMO, name), os.path.join(root, "raw", name))
+        with open(os.path.join(DEMO, name), "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        rows.append({"sha256": sha, "file_identifier": f"abo/{name}", "aesthetic_score": 5.5,
+                     "captions": json.dumps([f"a {name.split('.')[0]}"])})
+        downloaded.append({"sha256": sha, "local_path": os.path.join("raw", name)})
+    pd.DataFrame(rows).to_csv(os.path.join(root, "ABO.csv"), index=False)
+    pd.DataFrame(downloaded).to_csv(os.path.join(root, "downloaded_0.csv"), index=False)
+    assert build_metadata.main(["ABO", "--output_dir", root]) == 0
+    meta = ledger.read_metadata(root)
+    assert sorted(meta["local_path"]) == ["raw/crate.glb", "raw/mug.ply"]
+    assert render.main(["ABO", "--output_dir", root, *FAST]) == 0
+    assert voxelize.main(["ABO", "--output_dir", root, "--no_progress"]) == 0
+    meta = ledger.read_metadata(root)
+    assert meta["rendered"].all() and meta["voxelized"].all() and (meta["num_voxels"] > 100).all()
+    # Without the subset CSV the source says where to get it instead of downloading.
+    other = str(tmp_path / "hssd")
+    os.makedirs(other)
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        build_metadata.main(["HSSD", "--output_dir", other])
