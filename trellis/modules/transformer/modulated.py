@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trellis.modules.attention import MultiHeadAttention
-from trellis.modules.norm import LayerNorm32
-from trellis.modules.transformer.blocks import FeedForwardNet, run_maybe_checkpointed
+from trellis.modules.transformer.blocks import TransformerBlock, TransformerCrossBlock, run_maybe_checkpointed
 
 __all__ = ["ModulatedTransformerBlock", "ModulatedTransformerCrossBlock", "modulate"]
 
@@ -30,7 +28,7 @@ def _mod_chunks(block: nn.Module, mod: torch.Tensor) -> tuple[torch.Tensor, ...]
     return block.adaLN_modulation(mod).chunk(6, dim=1)
 
 
-class ModulatedTransformerBlock(nn.Module):
+class ModulatedTransformerBlock(TransformerBlock):
     """adaLN-modulated self-attention block (no cross-attention).
 
     ``x += gate_msa * Attn(LN1(x) * (1 + scale_msa) + shift_msa)``
@@ -49,16 +47,9 @@ class ModulatedTransformerBlock(nn.Module):
         qkv_bias: bool = True,
         share_mod: bool = False,
     ):
-        super().__init__()
-        self.use_checkpoint = use_checkpoint
+        super().__init__(channels, num_heads, mlp_ratio, attn_mode, use_checkpoint, use_rope, qk_rms_norm,
+                         qkv_bias, ln_affine=False)
         self.share_mod = share_mod
-        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.norm2 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.attn = MultiHeadAttention(
-            channels, num_heads=num_heads, type="self", attn_mode=attn_mode,
-            qkv_bias=qkv_bias, use_rope=use_rope, qk_rms_norm=qk_rms_norm,
-        )
-        self.mlp = FeedForwardNet(channels, mlp_ratio=mlp_ratio)
         if not share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels, bias=True))
 
@@ -72,7 +63,7 @@ class ModulatedTransformerBlock(nn.Module):
         return run_maybe_checkpointed(self._forward, self.use_checkpoint, x, mod)
 
 
-class ModulatedTransformerCrossBlock(nn.Module):
+class ModulatedTransformerCrossBlock(TransformerCrossBlock):
     """The block of both TRELLIS flow models (reference README section 2.6).
 
     1. ``x += gate_msa * SelfAttn(LN1(x) * (1 + scale_msa) + shift_msa)``
@@ -110,21 +101,9 @@ class ModulatedTransformerCrossBlock(nn.Module):
         qkv_bias: bool = True,
         share_mod: bool = False,
     ):
-        super().__init__()
-        self.use_checkpoint = use_checkpoint
+        super().__init__(channels, ctx_channels, num_heads, mlp_ratio, attn_mode, use_checkpoint, use_rope,
+                         qk_rms_norm, qk_rms_norm_cross, qkv_bias, ln_affine=False)
         self.share_mod = share_mod
-        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
-        self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.self_attn = MultiHeadAttention(
-            channels, num_heads=num_heads, type="self", attn_mode=attn_mode,
-            qkv_bias=qkv_bias, use_rope=use_rope, qk_rms_norm=qk_rms_norm,
-        )
-        self.cross_attn = MultiHeadAttention(
-            channels, ctx_channels=ctx_channels, num_heads=num_heads, type="cross", attn_mode="full",
-            qkv_bias=qkv_bias, qk_rms_norm=qk_rms_norm_cross,
-        )
-        self.mlp = FeedForwardNet(channels, mlp_ratio=mlp_ratio)
         if not share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels, bias=True))
 
