@@ -13,6 +13,13 @@ PY=${PYTHON:-python3}
 LOG=${OUT:-gpu_check_logs}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# A GPU machine without package access: wheels carried in .whl/ (e.g. trimesh for the toolkit benchmark,
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl trimesh`) are installed here.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site .whl/*.whl \
+        && export PYTHONPATH="/tmp/gpu_check_site:$PYTHONPATH"
+fi
+$PY -c "import trimesh" 2>/dev/null || echo "note: trimesh is missing here; the toolkit benchmark will fail (carry it in .whl/)"
 ONLY=${GPU_CHECK_ONLY:-"tests ss_vae sparse attention train toolkit scaling"}
 status=0
 step() {  # step NAME CMD...
