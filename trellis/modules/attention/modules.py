@@ -9,7 +9,25 @@ from trellis.modules.attention.norm import MultiHeadRMSNorm
 from trellis.modules.attention.rope import RotaryPositionEmbedder
 from trellis.modules.attention.varlen import dense_attention
 
-__all__ = ["MultiHeadAttention"]
+__all__ = ["MultiHeadAttention", "add_projections"]
+
+
+def add_projections(module: nn.Module, type: str, channels: int, ctx_channels: int, num_heads: int,
+                    qkv_bias: bool, qk_rms_norm: bool) -> None:
+    """Registers the projections of a TRELLIS attention module, in state-dict order: self-attention
+    ``to_qkv`` Linear(C, 3C); cross-attention ``to_q`` Linear(C, C) and ``to_kv`` Linear(C_ctx, 2C);
+    then ``q_rms_norm`` / ``k_rms_norm`` (gamma [H, C/H]) when ``qk_rms_norm``; then ``to_out``
+    Linear(C, C). Shared by the dense and the sparse attention modules."""
+    head_dim = channels // num_heads
+    if type == "self":
+        module.to_qkv = nn.Linear(channels, channels * 3, bias=qkv_bias)
+    else:
+        module.to_q = nn.Linear(channels, channels, bias=qkv_bias)
+        module.to_kv = nn.Linear(ctx_channels, channels * 2, bias=qkv_bias)
+    if qk_rms_norm:
+        module.q_rms_norm = MultiHeadRMSNorm(head_dim, num_heads)
+        module.k_rms_norm = MultiHeadRMSNorm(head_dim, num_heads)
+    module.to_out = nn.Linear(channels, channels)
 
 
 class MultiHeadAttention(nn.Module):
@@ -65,15 +83,7 @@ class MultiHeadAttention(nn.Module):
         self.attn_mode = attn_mode
         self.use_rope = use_rope
         self.qk_rms_norm = qk_rms_norm
-        if type == "self":
-            self.to_qkv = nn.Linear(channels, channels * 3, bias=qkv_bias)
-        else:
-            self.to_q = nn.Linear(channels, channels, bias=qkv_bias)
-            self.to_kv = nn.Linear(self.ctx_channels, channels * 2, bias=qkv_bias)
-        if qk_rms_norm:
-            self.q_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
-            self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
-        self.to_out = nn.Linear(channels, channels)
+        add_projections(self, type, channels, self.ctx_channels, num_heads, qkv_bias, qk_rms_norm)
         if use_rope:
             self.rope = RotaryPositionEmbedder(self.head_dim)
 

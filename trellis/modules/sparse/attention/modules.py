@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trellis.modules.attention.norm import MultiHeadRMSNorm
+from trellis.modules.attention.modules import add_projections
 from trellis.modules.attention.rope import RotaryPositionEmbedder
 from trellis.modules.attention.varlen import attention_with_plan
 from trellis.modules.sparse.attention.partition import (
@@ -101,15 +101,7 @@ class SparseMultiHeadAttention(nn.Module):
         if attn_mode in ("swin", "windowed"):
             self._window = as_triple(window_size, "window_size")
             self._shift = as_triple(shift_window, "shift_window")
-        if type == "self":
-            self.to_qkv = nn.Linear(channels, channels * 3, bias=qkv_bias)
-        else:
-            self.to_q = nn.Linear(channels, channels, bias=qkv_bias)
-            self.to_kv = nn.Linear(self.ctx_channels, channels * 2, bias=qkv_bias)
-        if qk_rms_norm:
-            self.q_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
-            self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
-        self.to_out = nn.Linear(channels, channels)
+        add_projections(self, type, channels, self.ctx_channels, num_heads, qkv_bias, qk_rms_norm)
         if use_rope:
             self.rope = RotaryPositionEmbedder(self.head_dim, in_channels=3)
 
