@@ -58,6 +58,11 @@ def fault_injection_step(rank: int) -> int:
     return step
 
 
+def has_samples(batch: dict) -> bool:
+    """Whether a collated batch still holds data (a tensor or SparseTensor besides ``_`` bookkeeping)."""
+    return any(isinstance(v, torch.Tensor) or hasattr(v, "feats") for k, v in batch.items() if not k.startswith("_"))
+
+
 class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
     """Base trainer. Config keys are those of the original TRELLIS trainer plus a few new ones.
 
@@ -244,8 +249,7 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
         if isinstance(batch, list):
             for mb in batch:
                 self.check_failed(mb)
-            return [mb for mb in batch if any(isinstance(v, torch.Tensor) or hasattr(v, "feats")
-                                              for k, v in mb.items() if not k.startswith("_"))]
+            return [mb for mb in batch if has_samples(mb)]
         if not isinstance(batch, dict):
             return batch
         failed: list[FailedSample] = batch.pop("_failed", [])
@@ -258,8 +262,7 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
             raise DatasetError(f"{len(self._bad_samples)} broken asset(s) on rank {self.dist.rank}, more than "
                                f"max_bad_fraction={getattr(self.dataset, 'max_bad_fraction', 0.0)} of "
                                f"{self.sampler.per_rank}: {sorted(self._bad_samples)[:5]}")
-        if failed and not any(isinstance(v, torch.Tensor) or hasattr(v, "feats")
-                              for k, v in batch.items() if not k.startswith("_")):
+        if failed and not has_samples(batch):
             raise DatasetError(f"every sample of a batch failed to load: {[str(f) for f in failed]}")
         return batch
 
