@@ -74,6 +74,35 @@ class Case:
     variants: Callable[[torch.dtype], Iterator[tuple[str, Fn, Fn]]]
 
 
+def spconv_native_variants(x: SparseTensor, c_in: int, c_out: int, res: int, batch: int, dtype: torch.dtype,
+                           grad: torch.Tensor) -> Iterator[tuple[str, Fn, Fn]]:
+    """spconv's own module path (``spconv.pytorch.SubMConv3d`` on a ``SparseConvTensor``, index pairs
+    built once and found again through ``indice_key``), for each of its GEMM algorithms: the way
+    spconv's users and its own benchmarks call it, with none of our wrapper in the way."""
+    import spconv.pytorch as spconv
+
+    base = spconv.SparseConvTensor(x.feats, x.coords, [res] * 3, batch)
+    for algo in ("MaskImplicitGemm", "MaskSplitImplicitGemm", "Native"):
+        key = f"bench_{algo}"
+        conv = spconv.SubMConv3d(c_in, c_out, 3, bias=True, indice_key=key,
+                                 algo=getattr(spconv.ConvAlgo, algo)).cuda().to(dtype)
+        try:
+            with torch.no_grad():
+                cached = conv(base)  # builds the index pairs once; later calls find them under `key`
+        except (RuntimeError, ValueError, AssertionError, NotImplementedError) as e:
+            print(f"  spconv native {algo}: not run ({type(e).__name__}: {str(e)[:120]})")
+            continue
+
+        def fwd(conv=conv, cached=cached):
+            with torch.no_grad():
+                return conv(cached.replace_feature(x.feats))
+
+        def fwd_bwd(conv=conv, cached=cached):
+            y = conv(cached.replace_feature(x.feats.detach().requires_grad_(True)))
+            y.features.backward(grad)
+        yield f"spconv native {algo}", fwd, fwd_bwd
+
+
 def conv_case(name: str, batch: int, res: int, c_in: int, c_out: int) -> Case:
     state: dict = {}
 
@@ -120,6 +149,8 @@ def conv_case(name: str, batch: int, res: int, c_in: int, c_out: int) -> Case:
                     y = conv(xf)
                 y.feats.backward(grad)
             yield backend, fwd, fwd_bwd
+        if has_module("spconv"):
+            yield from spconv_native_variants(x, c_in, c_out, res, batch, dtype, grad)
         dense_bytes = batch * res**3 * max(c_in, c_out) * torch.finfo(dtype).bits // 8
         if dense_bytes * 6 < torch.cuda.mem_get_info()[0]:
             xd = x.dense([res] * 3).contiguous(memory_format=torch.channels_last_3d)
