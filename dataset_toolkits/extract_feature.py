@@ -136,11 +136,11 @@ def write_model_info(root: str, model: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _setup(model: str, weights: str | None, device: str | None, tf32: bool = False) -> tuple[DinoV2ViT, torch.device]:
+def _setup(model: str, weights: str | None, device: str | None, tf32: bool = True) -> tuple[DinoV2ViT, torch.device]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if tf32 and dev.type == "cuda":  # TensorFloat-32 matmuls: ~10 bits of mantissa, much faster
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if dev.type == "cuda":  # TensorFloat-32 matmuls: 10-bit mantissa inputs, fp32 accumulation, ~1.7x faster
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     return load_dinov2(model, weights).to(dev), dev
 
 
@@ -160,9 +160,10 @@ def _process(model: str, batch_size: int, root: str, row: dict, ctx: tuple) -> d
 
 
 def make_stage(model: str = "dinov2_vitl14_reg", weights: str | None = None, batch_size: int = 16,
-               device: str | None = None, tf32: bool = False) -> Stage:
+               device: str | None = None, tf32: bool = True) -> Stage:
     """The ``feature_<model>`` stage for ``run_stage`` (the ViT is built once per worker by ``setup``).
-    ``tf32``: TensorFloat-32 matmuls on CUDA (faster; the original computes in full fp32)."""
+    ``tf32`` (default): TensorFloat-32 matmuls on CUDA; ``False`` computes in full fp32 as the original
+    does (about 1.7x slower on an H200). No effect on the CPU."""
     return Stage(name=f"feature_{model}", columns=[f"feature_{model}"],
                  process=partial(_process, model, batch_size), select=_select,
                  check_done=partial(_check_done, model), setup=partial(_setup, model, weights, device, tf32))
@@ -175,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="checkpoint file or HF directory (default: $TRELLIS_WEIGHTS_DIR)")
     p.add_argument("--batch_size", type=int, default=16, help="views per ViT forward")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--tf32", action="store_true", help="TensorFloat-32 matmuls on CUDA (faster, slightly less exact)")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp32", dest="tf32", action="store_false",
+                      help="full-fp32 matmuls on CUDA, as the original (default: TensorFloat-32, ~1.7x faster)")
+    prec.add_argument("--tf32", dest="tf32", action="store_true", help="TensorFloat-32 matmuls on CUDA (the default)")
+    p.set_defaults(tf32=True)
     args = p.parse_args(argv)
     write_model_info(args.output_dir, args.model)
     return run_stage_from_args(make_stage(args.model, args.weights, args.batch_size, args.device, args.tf32), args)

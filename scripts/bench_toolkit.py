@@ -37,6 +37,36 @@ def random_dinov2_weights(model: str, folder: str) -> str:
     return path
 
 
+def feature_breakdown(root: str, sha: str, model: str, weights: str | None, batch: int, dev: str, tf32: bool) -> str:
+    """Where extract_feature's time goes for one asset: decoding + resizing its views on the thread pool
+    alone, then the ViT alone over the decoded views (synchronised), in seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trellis.datasets.components import load_transforms
+    from trellis.encoders.dinov2 import normalize_images
+
+    render_dir = os.path.join(root, "renders", sha)
+    paths = [os.path.join(render_dir, f["file_path"]) for f in load_transforms(render_dir)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        views = list(pool.map(extract_feature.load_view, paths))
+    decode = time.perf_counter() - t0
+    vit, device = extract_feature._setup(model, weights, dev, tf32)
+    images = torch.stack(views)
+
+    def forward() -> None:
+        with torch.no_grad():
+            for i in range(0, len(views), batch):
+                vit.patch_grid(normalize_images(images[i:i + batch].to(device)))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    forward()  # warm-up
+    t0 = time.perf_counter()
+    forward()
+    return f"decode+resize {decode:.2f} s ({len(paths)} views), ViT {time.perf_counter() - t0:.2f} s"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -49,7 +79,9 @@ def main() -> None:
     p.add_argument("--stages", default="render,voxelize,render_cond")
     p.add_argument("--feature_model", default="dinov2_vitl14_reg")
     p.add_argument("--feature_batch", type=int, default=16, help="views per ViT forward")
-    p.add_argument("--tf32", action="store_true", help="extract_feature with TensorFloat-32 matmuls")
+    p.add_argument("--fp32", action="store_true",
+                   help="extract_feature in full fp32 as the original (default: TensorFloat-32 on CUDA)")
+    p.add_argument("--tf32", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old command lines
     args = p.parse_args()
     stages = args.stages.split(",")
     dev = render.resolve_device(args.device)
@@ -63,7 +95,7 @@ def main() -> None:
             weights = random_dinov2_weights(args.feature_model, root)
         jobs = {
             "extract_feature": extract_feature.make_stage(args.feature_model, weights, args.feature_batch, device=dev,
-                                                          tf32=args.tf32),
+                                                          tf32=not args.fp32),
             "render": render.make_stage("local", args.num_views, args.resolution, device=dev, ssaa=args.ssaa),
             "voxelize": voxelize.make_stage(),
             "render_cond": render_cond.make_stage("local", args.cond_views, args.cond_resolution, device=dev,
@@ -84,10 +116,13 @@ def main() -> None:
                 what = f"views {args.cond_views}, res {args.cond_resolution}, ssaa {args.ssaa}"
             elif key == "extract_feature":
                 what = (f"model {args.feature_model}, views rendered above, batch {args.feature_batch}"
-                        f"{', tf32' if args.tf32 else ''}")
+                        f"{', fp32' if args.fp32 else (', tf32' if dev.startswith('cuda') else '')}")
             else:
                 what = "64^3"
             print(f"RESULT {key}: {per:.2f} s/asset over {n} assets (first asset {first:.2f} s); {what}")
+            if key == "extract_feature":
+                print("  breakdown (last asset): " + feature_breakdown(
+                    root, shas[-1], args.feature_model, weights, args.feature_batch, dev, not args.fp32))
 
 
 if __name__ == "__main__":
