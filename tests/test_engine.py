@@ -274,3 +274,11 @@ def test_compile_option_wraps_from_outside(tmp_path, voxel_root, tiny_config):
     a, b = load_models(plain, 2), load_models(compiled, 2)
     assert all(not k.startswith("_orig_mod") for k in b["encoder"])  # plain state-dict keys
     assert_same_state(a, b, exact=False, atol=1e-6)
+
+
+
+def test_optimizer_args_keep_cpu_optimizers_unfused():
+    from trellis.trainers.base import _optimizer_args
+
+    cpu = [torch.nn.Parameter(torch.zeros(3))]
+    assert _optimizer_args("AdamW", {"lr": 1e-4}, cpu) == {"lr": 1e-4}

@@ -42,3 +42,12 @@ def test_precision_modes_train_and_resume_on_cuda(tmp_path, voxel_root, tiny_con
         assert resumed == pytest.approx(log_scale, abs=1e-9)
     if mode == "amp":
         assert "scaler" in misc["precision"]
+
+
+def test_adam_is_fused_on_cuda_unless_the_config_chooses():
+    from trellis.trainers.base import _optimizer_args
+
+    cuda = [torch.nn.Parameter(torch.zeros(3, device="cuda"))]
+    assert _optimizer_args("AdamW", {"lr": 1e-4}, cuda) == {"lr": 1e-4, "fused": True}
+    assert _optimizer_args("AdamW", {"foreach": True}, cuda) == {"foreach": True}  # the config's choice wins
+    assert _optimizer_args("SGD", {}, cuda) == {}
