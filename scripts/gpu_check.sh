@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# GPU check, one call on a GPU machine: the GPU tests, then every benchmark. Prints a summary table per
-# benchmark; full logs go to $OUT (the device tool's output folder) or ./gpu_check_logs.
+# GPU check, one call on a GPU machine: the GPU tests, then every benchmark. Prints a summary per step;
+# full logs go to $OUT (the device tool's output folder) or ./gpu_check_logs.
 #
 #   bash scripts/gpu_check.sh            # everything
 #   GPU_CHECK_ONLY="tests ss_vae" bash scripts/gpu_check.sh
+#   GPU_CHECK_LANES=1 bash scripts/gpu_check.sh   # one step at a time even with several GPUs
+#
+# With several GPUs the steps run side by side, one lane per GPU (CUDA_VISIBLE_DEVICES), so the whole
+# check fits in one call; the scaling benchmark then runs alone on all of them. Benchmarks of one lane
+# share the host (CPU, PCIe) with the other lanes: compare rows within one run.
 #
 # Uses the python that has torch with CUDA (PYTHON, default python3). Results go into docs/PERFORMANCE.md
 # by hand, with the card and the date.
@@ -21,29 +26,71 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 $PY -c "import trimesh" 2>/dev/null || echo "note: trimesh is missing here; the toolkit benchmark will fail (carry it in .whl/)"
 ONLY=${GPU_CHECK_ONLY:-"tests ss_vae sparse attention train toolkit scaling"}
-status=0
-step() {  # step NAME CMD...
-    local name=$1; shift
-    case " $ONLY " in *" $name "*) ;; *) return 0 ;; esac
-    echo "=== $name: $*"
-    local t0=$SECONDS
-    "$@" > "$LOG/$name.log" 2>&1
+wanted() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# name -> command; "tests" is two shards so that they can run on two GPUs
+declare -A CMD=(
+    [tests_flow]="$PY -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/test_flow_configs_gpu.py"
+    [tests_rest]="$PY -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests --ignore=tests/test_flow_configs_gpu.py"
+    [ss_vae]="$PY scripts/bench_ss_vae.py"
+    [sparse]="$PY scripts/bench_sparse.py"
+    [attention]="$PY scripts/bench_attention.py"
+    [train]="$PY scripts/bench_train.py"
+    [toolkit]="$PY scripts/bench_toolkit.py --device cuda --limit 5 --stages render,voxelize,extract_feature"
+)
+# rough durations on one H200 (s), longest first: used to balance the lanes
+declare -A EST=([tests_rest]=390 [tests_flow]=300 [train]=240 [attention]=180 [toolkit]=120 [sparse]=100 [ss_vae]=60)
+steps=()
+for s in tests_rest tests_flow train attention toolkit sparse ss_vae; do
+    wanted "${s%%_*}" || wanted "$s" && steps+=("$s")
+done
+
+run_step() {  # run_step NAME: runs it, logs to $LOG/NAME.log, exit code to $LOG/NAME.rc
+    local name=$1 t0=$SECONDS
+    ${CMD[$name]} > "$LOG/$name.log" 2>&1
     local rc=$?
-    tail -n 25 "$LOG/$name.log"
-    echo "=== $name: exit $rc in $((SECONDS - t0)) s"
-    [ $rc -eq 0 ] || status=1
+    echo "$rc $((SECONDS - t0))" > "$LOG/$name.rc"
 }
+report() {  # report NAME: tail of the log and the exit code; returns the exit code
+    local name=$1 rc secs
+    read -r rc secs < "$LOG/$name.rc" 2>/dev/null || { rc=1; secs=0; }
+    echo "=== $name: ${CMD[$name]}"
+    tail -n 25 "$LOG/$name.log"
+    echo "=== $name: exit $rc in $secs s"
+    return "$rc"
+}
+
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-step tests $PY -m pytest -q -m gpu -p no:cacheprovider tests
-step ss_vae $PY scripts/bench_ss_vae.py
-[ -f scripts/bench_sparse.py ] && step sparse $PY scripts/bench_sparse.py
-[ -f scripts/bench_attention.py ] && step attention $PY scripts/bench_attention.py
-[ -f scripts/bench_train.py ] && step train $PY scripts/bench_train.py
-step toolkit $PY scripts/bench_toolkit.py --device cuda --limit 5 --stages render,voxelize,extract_feature
-# Scaling needs several GPUs (1, 2 and 4 are measured where present).
 ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
-if [ "$ngpu" -gt 1 ]; then
-    gpus=1,2; [ "$ngpu" -ge 4 ] && gpus=1,2,4
-    step scaling $PY scripts/bench_scaling.py --gpus "$gpus" --json "$LOG/scaling.json"
+lanes=${GPU_CHECK_LANES:-$ngpu}
+[ "$lanes" -gt 4 ] && lanes=4
+[ "$lanes" -lt 1 ] && lanes=1
+status=0
+if [ "$lanes" -le 1 ]; then
+    for s in "${steps[@]}"; do run_step "$s"; report "$s" || status=1; done
+else
+    # Longest step first onto the least-loaded lane; lane i runs its steps one after the other on GPU i.
+    load=(); plan=()
+    for ((lane = 0; lane < lanes; lane++)); do load[lane]=0; plan[lane]=""; done
+    for s in "${steps[@]}"; do
+        best=0
+        for ((lane = 1; lane < lanes; lane++)); do [ "${load[lane]}" -lt "${load[best]}" ] && best=$lane; done
+        load[best]=$((load[best] + EST[$s])); plan[best]="${plan[best]} $s"
+    done
+    for ((lane = 0; lane < lanes; lane++)); do
+        echo "lane $lane (GPU $lane):${plan[lane]}"
+        (
+            export CUDA_VISIBLE_DEVICES=$lane
+            for s in ${plan[lane]}; do run_step "$s"; done
+        ) &
+    done
+    wait
+    for s in "${steps[@]}"; do report "$s" || status=1; done
+fi
+# Scaling needs several GPUs (1, 2 and 4 are measured where present) and runs alone.
+if wanted scaling && [ "$ngpu" -gt 1 ]; then
+    CMD[scaling]="$PY scripts/bench_scaling.py --gpus 1,2$([ "$ngpu" -ge 4 ] && echo ,4) --json $LOG/scaling.json"
+    run_step scaling
+    report scaling || status=1
 fi
 exit $status
