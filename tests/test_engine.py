@@ -282,3 +282,30 @@ def test_optimizer_args_keep_cpu_optimizers_unfused():
 
     cpu = [torch.nn.Parameter(torch.zeros(3))]
     assert _optimizer_args("AdamW", {"lr": 1e-4}, cpu) == {"lr": 1e-4}
+
+
+def test_nonfinite_step_is_skipped_on_device_by_a_fused_adamw():
+    """The sync-free skip: a fused AdamW gets ``found_inf`` and leaves weights and state alone."""
+    from trellis.trainers.precision import _takes_found_inf, step_unless_nonfinite
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    assert _takes_found_inf(opt) and not _takes_found_inf(torch.optim.AdamW([p], lr=0.1, foreach=False))
+    p.grad = torch.full((4,), 0.5)
+    step_unless_nonfinite(opt, torch.tensor(True))
+    after_one = p.detach().clone()
+    assert not torch.equal(after_one, torch.ones(4))
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch.full((4,), float("nan"))
+    step_unless_nonfinite(opt, torch.tensor(False))
+    assert torch.equal(p.detach(), after_one)
+    assert all(torch.equal(state[k], v) for k, v in opt.state[p].items())
+    assert not hasattr(opt, "found_inf")
+    # and a non-fused optimizer is skipped on the host
+    q = torch.nn.Parameter(torch.ones(2))
+    sgd = torch.optim.SGD([q], lr=1.0)
+    q.grad = torch.ones(2)
+    step_unless_nonfinite(sgd, torch.tensor(False))
+    assert torch.equal(q.detach(), torch.ones(2))
+    step_unless_nonfinite(sgd, torch.tensor(True))
+    assert torch.equal(q.detach(), torch.zeros(2))

@@ -201,3 +201,28 @@ def test_loud_errors(root, tmp_path, monkeypatch):
     batch["cond"] = batch["cond"][:1]
     with pytest.raises(ValueError, match="condition of shape"):
         tr.training_losses(**batch)
+
+
+@pytest.mark.gpu
+def test_nan_loss_on_cuda_is_reported_at_the_next_step(root, tmp_path):
+    """On CUDA the loss check does not stop the host every step: a non-finite loss is reported at the
+    start of the next step (or before a checkpoint), still naming its own step, rank and samples, and
+    the optimizer skipped its update meanwhile."""
+    from trellis.utils.dist import DistInfo
+
+    cfg = config("TextConditionedFlowMatchingCFGTrainer", False, "TextConditionedSparseStructureLatent",
+                 {"text_cond_model": "tiny"})
+    validate_config(cfg)
+    torch.manual_seed(0)
+    models, dataset = build_models(cfg), build_dataset(cfg, root)
+    tr = TRAINERS.get(cfg["trainer"]["name"])(models, dataset, output_dir=str(tmp_path),
+                                              dist=DistInfo(device=torch.device("cuda")), **cfg["trainer"]["args"])
+    data = tr.batches()
+    batch = tr.to_device(next(data))
+    batch["x_0"][1] = float("nan")
+    before = [p.detach().clone() for p in tr.policy.master_params]
+    tr.run_step(batch)  # returns: the check is queued
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.policy.master_params))  # update skipped
+    tr.step = 1
+    with pytest.raises(FloatingPointError, match=r"step 0 on rank 0 .*#"):
+        tr.run_step(tr.to_device(next(data)))

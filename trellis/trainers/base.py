@@ -16,11 +16,12 @@ See reference TRAINING.md sections 2-8 for the original semantics this keeps.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -187,6 +188,9 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
         self.num_workers = num_workers if num_workers is not None else min(4, max(1, (os.cpu_count() or 1) // self.dist.local_world_size))
         self._bad_samples: set[str] = set()
         self._acc = MetricAccumulator()
+        self._pending_checks: list[tuple[Any, int, Callable[[float], str]]] = []
+        self._pinned: torch.Tensor | None = None
+        self._pinned_next = 0
         self.logger: RunLogger | None = None
 
         if step is not None:
@@ -336,7 +340,37 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
         np.random.seed(s % (2 ** 32))
         random.seed(s)
 
+    def check_finite_later(self, value: torch.Tensor, message: Callable[[float], str]) -> None:
+        """Raises ``FloatingPointError(message(v))`` if the scalar ``value`` is not finite, without making
+        the host wait for the GPU: a CUDA value is copied to pinned memory behind an event and checked at
+        the start of the next step, before a checkpoint is written and at the end of the run (a skipped
+        optimizer step guards the weights meanwhile: a non-finite loss gives non-finite gradients)."""
+        v = value.detach().float().reshape(())
+        if v.device.type != "cuda":
+            x = float(v)
+            if not math.isfinite(x):
+                raise FloatingPointError(message(x))
+            return
+        if self._pinned is None:
+            self._pinned = torch.empty(256, dtype=torch.float32, pin_memory=True)
+        slot = self._pinned_next % self._pinned.numel()
+        self._pinned_next += 1
+        self._pinned[slot].copy_(v, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_checks.append((event, slot, message))
+
+    def drain_checks(self) -> None:
+        """Runs the checks queued by ``check_finite_later`` (waits for the events they wait on)."""
+        pending, self._pending_checks = self._pending_checks, []
+        for event, slot, message in pending:
+            event.synchronize()
+            x = float(self._pinned[slot])
+            if not math.isfinite(x):
+                raise FloatingPointError(message(x))
+
     def run_step(self, batch: Any) -> dict[str, Any]:
+        self.drain_checks()  # the previous step's, long finished on the GPU by now
         micro = self.split_batch(batch)
         self.policy.zero_grad()
         metrics: dict[str, Any] = {}
@@ -355,14 +389,16 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
                 self.policy.backward(terms["loss"] / len(micro))
             acc.add({"loss": {k: v for k, v in terms.items()}, "status": status})
         metrics.update({k: v / c for k, v in acc.sums.items() for c in [acc.counts[k]]})
+        # No host synchronisation from here on: `finite` stays on the device (see trainers/precision.py).
         grad_norm, finite = self.policy.unscale_and_clip(self.clipper)
-        if finite:
-            self.policy.step(self.optimizer)
+        self.policy.step(self.optimizer, finite)
         self.policy.update(finite)
         metrics["status/grad_norm"] = grad_norm.detach()
-        metrics["status/skipped_step"] = float(not finite)
+        metrics["status/skipped_step"] = (~torch.as_tensor(finite)).float()
         metrics.update(self.policy.log_values())
-        if hasattr(self.clipper, "threshold"):
+        if hasattr(self.clipper, "threshold_tensor"):
+            metrics["grad_clip/max_norm"] = self.clipper.threshold_tensor
+        elif hasattr(self.clipper, "threshold"):
             metrics["grad_clip/max_norm"] = self.clipper.threshold
         elif self.grad_clip is not None:
             metrics["grad_clip"] = float(self.grad_clip)
@@ -434,6 +470,7 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
                     self.flush_logs()
                 if self.i_save and self.step % self.i_save == 0:
                     self.save()
+            self.drain_checks()
             self.flush_logs()
             if not self.i_save or self.step % self.i_save:
                 self.save()

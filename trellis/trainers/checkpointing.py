@@ -35,6 +35,8 @@ class CheckpointMixin:
 
     def save(self) -> None:
         """Writes the checkpoint of ``self.step`` (collective; rank 0 writes)."""
+        if hasattr(self, "drain_checks"):
+            self.drain_checks()  # never checkpoint past a non-finite loss
         rng = tdist.all_gather_object(self.rng_state())
         data_states = tdist.all_gather_object(self.data_state)
         if self.dist.is_main:

@@ -6,8 +6,12 @@ All policies share one protocol, used by the trainer's step:
     with policy.autocast(): loss = ...          # forward
     policy.backward(loss)                       # per micro-batch
     grad_norm, ok = policy.unscale_and_clip(clip_fn)   # once per step
-    if ok: policy.step(optimizer)               # optimizer over policy.master_params
+    policy.step(optimizer, ok)                  # optimizer over policy.master_params, skipped unless ok
     policy.update(ok)                           # loss-scale bookkeeping
+
+``ok`` is a boolean tensor on the device, so that a step never waits for the GPU: with a fused
+Adam / AdamW (the default on CUDA) the skip happens inside the optimizer kernel through its
+``found_inf`` input; any other optimizer reads ``ok`` on the host first (one synchronisation).
 
 * ``inflat_all`` (TRELLIS default): models keep their fp16 torso; fp32 master copies of every
   trainable parameter; the loss is multiplied by ``2 ** log_scale`` (start 20), ``log_scale`` grows
@@ -21,21 +25,37 @@ All policies share one protocol, used by the trainer's step:
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
+from trellis.trainers.utils import total_grad_norm
+
 ClipFn = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
 def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads, 2.0)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+    return total_grad_norm([p.grad for p in params if p.grad is not None])
+
+
+def _takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused Adam / AdamW (and optimizers like them) skip their update on device when ``found_inf`` is set."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, ok: torch.Tensor | bool) -> None:
+    """``optimizer.step()`` if ``ok``; without a host sync when the optimizer takes ``found_inf``."""
+    if isinstance(ok, torch.Tensor) and _takes_found_inf(optimizer):
+        optimizer.found_inf = (~ok).float().reshape(())  # read by the fused kernels, as GradScaler does
+        optimizer.grad_scale = None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif bool(ok):
+        optimizer.step()
 
 
 class PrecisionPolicy:
@@ -61,19 +81,19 @@ class PrecisionPolicy:
         for p in self.master_params:
             p.grad = None
 
-    def unscale_and_clip(self, clip_fn: ClipFn | None) -> tuple[torch.Tensor, bool]:
-        """Makes master grads true (unscaled) fp32 grads, clips them, returns (pre-clip norm, finite)."""
+    def unscale_and_clip(self, clip_fn: ClipFn | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Makes master grads true (unscaled) fp32 grads, clips them, returns (pre-clip norm, finite),
+        both tensors on the device."""
         norm = clip_fn(self.master_params) if clip_fn is not None else _total_norm(self.master_params)
-        return norm, bool(torch.isfinite(norm))
+        return norm, torch.isfinite(norm)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
+    def step(self, optimizer: torch.optim.Optimizer, ok: torch.Tensor | bool = True) -> None:
+        step_unless_nonfinite(optimizer, ok)
 
-    def update(self, applied: bool) -> None:
-        if not applied:
-            warnings.warn("non-finite gradient: optimizer step skipped", RuntimeWarning, stacklevel=2)
+    def update(self, applied: torch.Tensor | bool) -> None:
+        """Nothing to update; skipped steps show in the ``status/skipped_step`` metric."""
 
-    def log_values(self) -> dict[str, float]:
+    def log_values(self) -> dict[str, float | torch.Tensor]:
         return {}
 
     def state_dict(self) -> dict:
@@ -100,21 +120,31 @@ class InflatAllPolicy(PrecisionPolicy):
                  initial_log_scale: float = 20.0):
         super().__init__(params, device)
         self.scale_growth = scale_growth
-        self.log_scale = initial_log_scale
+        # float64 on the device: updated there every step without a host sync
+        self._log_scale = torch.tensor(float(initial_log_scale), dtype=torch.float64, device=device)
         # fp32 params are their own masters; low-precision ones get an fp32 copy.
         self.master_params = [p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone())
                               for p in params]
         self._low = [(p, m) for p, m in zip(params, self.master_params) if m is not p]
+
+    @property
+    def log_scale(self) -> float:
+        """The current ``log2`` of the loss scale (waits for the device)."""
+        return float(self._log_scale)
+
+    @log_scale.setter
+    def log_scale(self, value: float) -> None:
+        self._log_scale = torch.tensor(float(value), dtype=torch.float64, device=self.device)
 
     def masters_from_params(self) -> None:
         for p, m in self._low:
             m.data.copy_(p.data.float())
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * (2.0 ** self.log_scale)).backward()
+        (loss * torch.exp2(self._log_scale).to(loss.dtype)).backward()
 
-    def unscale_and_clip(self, clip_fn: ClipFn | None) -> tuple[torch.Tensor, bool]:
-        inv = 2.0 ** (-self.log_scale)
+    def unscale_and_clip(self, clip_fn: ClipFn | None) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = torch.exp2(-self._log_scale).float()
         for p, m in self._low:
             m.grad = None if p.grad is None else p.grad.float().mul_(inv)
         own = [p.grad for p, m in zip(self.params, self.master_params) if m is p and p.grad is not None]
@@ -122,21 +152,24 @@ class InflatAllPolicy(PrecisionPolicy):
             torch._foreach_mul_(own, inv)
         # Overflow test over every grad (before clipping can turn inf into nan or zero).
         norm = _total_norm(self.master_params)
-        finite = bool(torch.isfinite(norm))
-        if finite and clip_fn is not None:
-            norm = clip_fn(self.master_params)
+        finite = torch.isfinite(norm)
+        if clip_fn is not None:
+            # Clipping a non-finite step only spoils grads that are skipped anyway; the norm reported
+            # for it stays the unclipped non-finite one.
+            norm = torch.where(finite, clip_fn(self.master_params), norm)
         return norm, finite
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
+    def step(self, optimizer: torch.optim.Optimizer, ok: torch.Tensor | bool = True) -> None:
+        step_unless_nonfinite(optimizer, ok)
         if self._low:
             torch._foreach_copy_([p.data for p, _ in self._low], [m.data for _, m in self._low])
 
-    def update(self, applied: bool) -> None:
-        self.log_scale = self.log_scale + self.scale_growth if applied else self.log_scale - 1.0
+    def update(self, applied: torch.Tensor | bool) -> None:
+        applied = torch.as_tensor(applied, device=self._log_scale.device)
+        self._log_scale = torch.where(applied, self._log_scale + self.scale_growth, self._log_scale - 1.0)
 
-    def log_values(self) -> dict[str, float]:
-        return {"log_scale": self.log_scale}
+    def log_values(self) -> dict[str, float | torch.Tensor]:
+        return {"log_scale": self._log_scale}
 
     def state_dict(self) -> dict:
         return {"log_scale": self.log_scale}
@@ -166,19 +199,20 @@ class AmpPolicy(PrecisionPolicy):
         assert self._optimizer is not None, "AmpPolicy.bind(optimizer) was not called"
         self.scaler.unscale_(self._optimizer)
         norm = _total_norm(self.master_params)
-        finite = bool(torch.isfinite(norm))
-        if finite and clip_fn is not None:
-            norm = clip_fn(self.master_params)
-        return norm, True  # GradScaler.step decides (it skips on inf itself)
+        finite = torch.isfinite(norm)
+        if clip_fn is not None:
+            norm = torch.where(finite, clip_fn(self.master_params), norm)
+        return norm, finite  # GradScaler.step decides (it skips on inf itself)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, ok: torch.Tensor | bool = True) -> None:
         self.scaler.step(optimizer)
 
-    def update(self, applied: bool) -> None:
+    def update(self, applied: torch.Tensor | bool) -> None:
         self.scaler.update()
 
-    def log_values(self) -> dict[str, float]:
-        return {"scale": float(self.scaler.get_scale())}
+    def log_values(self) -> dict[str, float | torch.Tensor]:
+        scale = self.scaler._get_scale_async() if self.scaler.is_enabled() else None
+        return {"scale": scale if scale is not None else float(self.scaler.get_scale())}
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict()}

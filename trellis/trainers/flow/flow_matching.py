@@ -169,9 +169,8 @@ class FlowMatchingTrainer(Trainer):
             mse = F.mse_loss(pred.feats.float(), target.feats.float())
         else:
             mse = F.mse_loss(pred.float(), target.float())
-        if not bool(torch.isfinite(mse)):
-            raise FloatingPointError(f"non-finite loss ({float(mse.detach())}) at step {self.step} on rank {self.dist.rank} "
-                                     f"for samples {self._describe()}")
+        step, rank, samples = self.step, self.dist.rank, self._describe()
+        self.check_finite_later(mse, lambda v: f"non-finite loss ({v}) at step {step} on rank {rank} for samples {samples}")
         terms: dict[str, Any] = {"loss": mse, "mse": mse}
         for name, value in t_bins(per_sample_mse(pred, target), t).items():
             terms[f"{name}/mse"] = value["mse"]
