@@ -16,6 +16,7 @@ from trellis.modules.attention import (
     VarlenPlan,
     attention_with_plan,
     naive_varlen_attention,
+    packed_attention_with_plan,
     select_backend,
     varlen_attention,
 )
@@ -105,6 +106,20 @@ def test_varlen_plan_is_reused_and_validates():
         VarlenPlan(torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="non-decreasing"):
         VarlenPlan(torch.tensor([0, 5, 3]))
+
+
+def test_packed_attention_matches_unbound():
+    torch.manual_seed(9)
+    lens = [3, 9, 1]
+    plan = VarlenPlan(_cu(lens), index_q=torch.randperm(13))
+    qkv = _rand(13, 3, 2, 8)
+    out = packed_attention_with_plan(qkv, plan)
+    ref = attention_with_plan(*qkv.unbind(1), plan)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, qkv, g)[0], torch.autograd.grad(ref, qkv, g)[0])
+    with pytest.raises(ValueError, match="3, H, d"):
+        packed_attention_with_plan(qkv[:, :2], plan)
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -320,6 +335,27 @@ def test_triton_window_path_interpreter(monkeypatch, heads_per_prog, H, fused):
     _triton_compare("cpu", torch.float32, 1e-5, _WIN_LENS, None, H, d, gather=False)
     _triton_compare("cpu", torch.float32, 1e-5, _WIN_LENS, None, H, d, gather=True, packed=True)
     _triton_compare("cpu", torch.float32, 1e-5, _WIN_LENS, _WIN_LENS_KV, H, d, gather=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_packed_gradient_is_one_buffer(monkeypatch):
+    """With q, k, v packed in one [T, 3, H, d] tensor the backward stacks nothing; with three views of
+    it autograd stacks their gradients (the copy the packed entry point saves)."""
+    if torch.cuda.is_available():
+        pytest.skip("needs the interpreter (CPU)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from trellis.modules.attention import packed_attention_with_plan
+
+    plan = VarlenPlan(_cu([3, 5]))
+    qkv = torch.randn(8, 3, 1, 16, requires_grad=True)
+    stacks = []
+    for packed in (True, False):
+        out = (packed_attention_with_plan(qkv, plan, backend="triton") if packed
+               else attention_with_plan(*qkv.unbind(1), plan, backend="triton"))
+        with torch.profiler.profile() as prof:
+            torch.autograd.grad(out, qkv, torch.ones_like(out))
+        stacks.append(sum(e.name in ("aten::stack", "aten::cat") for e in prof.events()))
+    assert stacks[0] == 0 and stacks[1] > 0, stacks
 
 
 def test_triton_variants_are_valid():
