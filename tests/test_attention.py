@@ -309,24 +309,26 @@ def test_triton_kernel_interpreter(monkeypatch):
     _triton_check("cpu", torch.float32, 1e-5, block=16)
 
 
-# Windows of length 1, at and just over each bucket boundary (16, 32), longer ones for the long path,
-# an empty sequence; cross plans with key lengths on either side of the query lengths.
-_WIN_LENS = [1, 16, 17, 32, 33, 0, 2, 40]
-_WIN_LENS_KV = [3, 16, 9, 32, 20, 4, 40, 1]
+# Windows of length 1, at and just over each bucket boundary (16, 64; 32 for the fused backward),
+# an empty sequence; cross plans with key lengths on either side of the query lengths, and keys
+# without queries.
+_WIN_LENS = [1, 16, 17, 32, 33, 64, 65, 0, 2]
+_WIN_LENS_KV = [3, 16, 9, 32, 20, 64, 4, 40, 1]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.parametrize("heads_per_prog,H,fused", [(2, 3, 0), (0, 1, 32)])
 def test_triton_window_path_interpreter(monkeypatch, heads_per_prog, H, fused):
-    """The window path (buckets 16 and 32, one and two query chunks) beside the long path, in fp32 on
-    the CPU through TRITON_INTERPRET: 3 heads in programs of 2 (a partial head group) with the
-    two-kernel long path, or 1 head with the fused long-path backward taking lengths 17..32."""
+    """The window path beside the long path, in fp32 on the CPU through TRITON_INTERPRET: buckets 16
+    (one tile) and 64 (queries in 1-4 chunks of 16), 3 heads in programs of 2 (a partial head group),
+    two-kernel long path above 64; or bucket 16 alone, 1 head, the fused long-path backward taking
+    lengths 17..32 and the two-kernel one the rest."""
     if torch.cuda.is_available():
         pytest.skip("covered by the GPU test")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from trellis.modules.attention import triton_varlen as tv
 
-    buckets = (tv.WindowBucket(16, 16, 1, 16, 1, 2), tv.WindowBucket(32, 16, 1, 16, 1, 1))
+    buckets = (tv.WindowBucket(16, 16, 1, 16, 1, 2), tv.WindowBucket(64, 16, 1, 16, 1, 1))
     monkeypatch.setattr(tv, "WINDOW_CONFIG", {"buckets": buckets[:1] if fused else buckets, "heads": heads_per_prog})
     monkeypatch.setattr(tv, "BLOCK_CONFIG", {"fwd": (16, 16, 4), "bwd_kv": (16, 16, 4), "bwd_q": (16, 16, 4),
                                              "bwd_fused": (fused, fused, 4)})
@@ -406,17 +408,17 @@ def test_triton_kernel_gpu(dtype, tol):
     _triton_check("cuda", dtype, tol, block=None)
 
 
-# Lengths at and just over every default bucket boundary, one over the largest bucket, 1 and 0.
-_GPU_LENS = [1, 16, 17, 32, 33, 64, 65, 128, 129, 200, 0, 7]
-_GPU_LENS_KV = [5, 16, 40, 1, 33, 100, 65, 90, 129, 64, 3, 300]
+# Lengths at and just over every default bucket boundary (16 ... 256), 1 and 0.
+_GPU_LENS = [1, 16, 17, 32, 33, 64, 65, 128, 129, 200, 256, 257, 0, 7]
+_GPU_LENS_KV = [5, 16, 40, 1, 33, 100, 65, 90, 129, 64, 256, 3, 20, 300]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant,dtype,tol", [
-    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "win_s1", "win_s3", "win_h4", "win_h1", "win_c64", "win_f64",
-                                          "win_max64", "win_w2")],
-    ("win", torch.float32, 1e-5), ("win", torch.float16, 1e-2), ("win_c64", torch.float32, 1e-5),
+    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "win_s1", "win_s3", "win_h4", "win_h1", "win_c32", "win_f64",
+                                          "win_q16", "win_max128", "win_max64", "win_w2")],
+    ("win", torch.float32, 1e-5), ("win", torch.float16, 1e-2), ("win_c32", torch.float32, 1e-5),
 ])
 def test_triton_window_path_gpu(variant, dtype, tol):
     from trellis.modules.attention import triton_varlen as tv

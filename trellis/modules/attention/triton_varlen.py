@@ -10,14 +10,16 @@ Two families of kernels share the work; each sequence is routed to one of them b
 
 * Window path (short sequences, the swin windows: a surface window of 8^3 cells holds ~10-200
   voxels). One program per sequence and group of heads (by default all heads): it loads the
-  sequence's row indices once and then loops over the heads, with the whole sequence in one tile
-  (at most ``BLOCK`` queries and keys, ``BLOCK`` a power of two picked per sequence from
-  ``WINDOW_CONFIG["buckets"]``; one launch per non-empty bucket). The softmax is exact in one pass (no
-  online rescaling), and the head loop is software-pipelined (``tl.range(..., num_stages)``), so the
-  loads of head h+1 are in flight while head h computes. That is the point: a window does little
-  maths per byte, and one (window, head) program per launch slot spends most of its time waiting for
-  its first loads. The backward is one program per sequence as well: it computes
-  delta = rowsum(dO * O) in place and writes dQ, dK and dV once, with no atomics and no second pass.
+  sequence's row indices once and then loops over the heads. The sequence has at most ``BLOCK``
+  queries and keys, ``BLOCK`` a power of two from 16 to 256 picked per sequence from
+  ``WINDOW_CONFIG["buckets"]`` (one launch per non-empty bucket, longest sequences first), so the
+  softmax is exact in one pass (no online rescaling). Up to 128 the whole sequence is one tile and
+  the head loop is software-pipelined (``tl.range(..., num_stages)``): the loads of head h+1 are in
+  flight while head h computes. That is the point: a window does little maths per byte, and a
+  one-(window, head) program spends most of its time waiting for its first loads. Larger buckets
+  load the keys once per head and take the queries in pipelined chunks. The backward is one program
+  per sequence as well: it computes delta = rowsum(dO * O) in place and writes dQ, dK and dV once
+  each (dK and dV accumulate over query chunks in registers), with no atomics and no second pass.
 * Long path (sequences longer than the largest bucket, e.g. full attention over an object). One
   program handles one block of up to ``BLOCK_M`` queries of one sequence and one head and loops over
   that sequence's keys in blocks of ``BLOCK_N``, with the online softmax of FlashAttention (Dao et al.
@@ -61,10 +63,12 @@ BLOCK_CONFIG = {"fwd": (64, 64, 4), "bwd_kv": (64, 64, 4), "bwd_q": (64, 64, 4),
 
 class WindowBucket(NamedTuple):
     """One length bucket of the window path: sequences with max(queries, keys) <= ``block`` that no
-    smaller bucket takes. ``fwd_m`` / ``bwd_m``: query chunk of the forward / backward tile, ``block``
-    or ``block // 2`` (two chunks share the loaded keys; the backward then accumulates dK and dV over
-    them). ``stages``: ``num_stages`` of the pipelined head loop (1 = no pipelining); each stage holds
-    one head's q, k, v (and O, dO) tiles in shared memory."""
+    smaller bucket takes. ``fwd_m`` / ``bwd_m``: query chunk of the forward / backward tile, a power
+    of two from 16 to ``block``. At ``block`` the whole sequence is one tile and the head loop is
+    software-pipelined; below it the keys are loaded once per head and the queries taken in chunks
+    (the backward accumulates dK and dV over them in registers), and the chunk loop is pipelined.
+    ``stages``: ``num_stages`` of the pipelined loop (1 = none); each stage holds one iteration's
+    q, k, v (and O, dO) tiles in shared memory."""
 
     block: int
     fwd_m: int
@@ -78,15 +82,17 @@ def _buckets(*rows: tuple) -> tuple[WindowBucket, ...]:
     return tuple(WindowBucket(*r) for r in rows)
 
 
-_B16, _B32, _B64, _B128 = _buckets((16, 16, 2, 16, 2), (32, 32, 4, 32, 4), (64, 64, 4, 64, 4), (128, 128, 8, 128, 8))
+_B16, _B32, _B64, _B128, _B256 = _buckets(
+    (16, 16, 2, 16, 2), (32, 32, 4, 32, 4), (64, 64, 4, 64, 4), (128, 128, 8, 128, 8), (256, 32, 8, 32, 8))
+_DEFAULT_BUCKETS = (_B16, _B32, _B64, _B128, _B256)
 
 # Window path. "buckets": increasing ``WindowBucket``s; an empty tuple turns the path off. "heads":
 # heads per program, 0 = all of them (one program per sequence), 1 = one program per (sequence, head).
-WINDOW_CONFIG = {"buckets": (_B16, _B32, _B64, _B128), "heads": 0}
+WINDOW_CONFIG = {"buckets": _DEFAULT_BUCKETS, "heads": 0}
 
 
 def _variant(blocks: dict | None = None, **window) -> dict:
-    return {"window": {"buckets": (_B16, _B32, _B64, _B128), "heads": 0, **window},
+    return {"window": {"buckets": _DEFAULT_BUCKETS, "heads": 0, **window},
             "blocks": copy.deepcopy(blocks or BLOCK_CONFIG)}
 
 
@@ -95,19 +101,20 @@ def _stages(buckets: tuple[WindowBucket, ...], stages: int, max_block: int = 1 <
 
 
 # Named configurations for the benchmark (``scripts/bench_attention.py --triton-variants``); the first
-# is the default.
+# is the default. (Registers and spills per kernel, sm_90, ptxas: see docs/PERFORMANCE_attention.md.)
 VARIANTS: dict[str, dict] = {
     "win": _variant(),
     "old": _variant(buckets=()),  # the window path off: the code path before it, exactly
-    "win_s1": _variant(buckets=_stages((_B16, _B32, _B64, _B128), 1)),  # head loop not pipelined
-    "win_s3": _variant(buckets=_stages((_B16, _B32, _B64, _B128), 3, 64)),  # (3 stages of 128 > 228 KB smem)
-    "win_h4": _variant(heads=4),  # 4 heads per program, 3x the programs
+    "win_s1": _variant(buckets=_stages(_DEFAULT_BUCKETS, 1)),  # nothing pipelined
+    "win_s3": _variant(buckets=_stages(_DEFAULT_BUCKETS, 3, 64)),  # (3 stages of 128 pass 228 KB of smem)
+    "win_h4": _variant(heads=4),  # 4 heads per program, 3x the programs (of 12 heads)
     "win_h1": _variant(heads=1),  # one program per (window, head), with the length buckets
-    "win_c64": _variant(buckets=(_B16, _B32, _B64, WindowBucket(128, 128, 8, 64, 8))),  # 128 bwd: 2 chunks
-    "win_f64": _variant(buckets=(_B16, _B32, _B64, WindowBucket(128, 64, 4, 128, 8))),  # 128 fwd: 2 chunks
+    "win_c32": _variant(buckets=(_B16, _B32, _B64, _B128._replace(bwd_m=32), _B256)),  # 128 bwd: chunks of 32
+    "win_f64": _variant(buckets=(_B16, _B32, _B64, _B128._replace(fwd_m=64, fwd_warps=4), _B256)),  # 128 fwd
+    "win_q16": _variant(buckets=(_B16, _B32, _B64, _B128, _B256._replace(fwd_m=64, bwd_m=16))),  # 256 chunks
+    "win_max128": _variant(buckets=(_B16, _B32, _B64, _B128)),  # windows over 128 on the long path
     "win_max64": _variant(buckets=(_B16, _B32, _B64)),  # windows over 64 on the long path
-    "win_w2": _variant(buckets=(_B16, WindowBucket(32, 32, 2, 32, 2), _B64, _B128)),  # 2 warps up to 32
-    "win_w4": _variant(buckets=(WindowBucket(16, 16, 4, 16, 4), _B32, _B64, _B128)),  # 4 warps from 16
+    "win_w2": _variant(buckets=(_B16, _B32._replace(fwd_warps=2, bwd_warps=2), _B64, _B128, _B256)),
 }
 DEFAULT_VARIANT = next(iter(VARIANTS))
 
@@ -364,8 +371,8 @@ def _win_fwd_kernel(
 ):
     """Forward of one whole sequence (<= BLOCK_N queries and keys) for heads [h_lo, h_hi).
 
-    Queries in one chunk (BLOCK_M == BLOCK_N) or two (BLOCK_M == BLOCK_N // 2); row indices are
-    loaded once, before the head loop.
+    Key row indices are loaded once, before the head loop; so are the query rows when the queries
+    fit one tile (BLOCK_M == BLOCK_N), else each head loops over chunks of BLOCK_M queries.
     """
     seq = tl.load(SEQS + tl.program_id(0))
     h_lo = tl.program_id(1) * heads_per_prog
@@ -380,19 +387,23 @@ def _win_fwd_kernel(
     rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
     kv_mask = _mask_rows(mask_n, offs_d, D, EVEN_D)
     offs_m = tl.arange(0, BLOCK_M)
-    mask_m0 = offs_m < n_q
-    rows_q0 = _rows(IDXQ, q_lo + offs_m, mask_m0, GATHER_Q)
-    if BLOCK_M < BLOCK_N:
-        mask_m1 = offs_m + BLOCK_M < n_q
-        rows_q1 = _rows(IDXQ, q_lo + BLOCK_M + offs_m, mask_m1, GATHER_Q)
-    for h in tl.range(h_lo, h_hi, num_stages=STAGES):
-        k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
-        _win_fwd_tile(Q, OUT, LSE, rows_q0, mask_m0, h, k, v, mask_n, offs_d, D, sq_r, sq_h, so_r, so_h,
-                      n_heads, qk_scale, IEEE, EVEN_D)
-        if BLOCK_M < BLOCK_N:
-            _win_fwd_tile(Q, OUT, LSE, rows_q1, mask_m1, h, k, v, mask_n, offs_d, D, sq_r, sq_h, so_r, so_h,
+    if BLOCK_M == BLOCK_N:  # one tile per head; the head loop is pipelined
+        mask_m = offs_m < n_q
+        rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
+        for h in tl.range(h_lo, h_hi, num_stages=STAGES):
+            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            _win_fwd_tile(Q, OUT, LSE, rows_q, mask_m, h, k, v, mask_n, offs_d, D, sq_r, sq_h, so_r, so_h,
                           n_heads, qk_scale, IEEE, EVEN_D)
+    else:  # keys loaded once per head, queries in chunks; the chunk loop is pipelined
+        for h in tl.range(h_lo, h_hi, num_stages=1):
+            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            for m0 in tl.range(0, n_q, BLOCK_M, num_stages=STAGES):
+                mask_m = m0 + offs_m < n_q
+                rows_q = _rows(IDXQ, q_lo + m0 + offs_m, mask_m, GATHER_Q)
+                _win_fwd_tile(Q, OUT, LSE, rows_q, mask_m, h, k, v, mask_n, offs_d, D, sq_r, sq_h, so_r, so_h,
+                              n_heads, qk_scale, IEEE, EVEN_D)
 
 
 @triton.jit
@@ -430,7 +441,8 @@ def _win_bwd_kernel(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Whole backward of one sequence (<= BLOCK_N queries and keys) for heads [h_lo, h_hi)."""
+    """Whole backward of one sequence (<= BLOCK_N queries and keys) for heads [h_lo, h_hi): dQ, dK and
+    dV written once each; with BLOCK_M < BLOCK_N, dK and dV accumulate in registers over query chunks."""
     seq = tl.load(SEQS + tl.program_id(0))
     h_lo = tl.program_id(1) * heads_per_prog
     h_hi = tl.minimum(h_lo + heads_per_prog, n_heads)
@@ -444,27 +456,37 @@ def _win_bwd_kernel(
     rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
     kv_mask = _mask_rows(mask_n, offs_d, D, EVEN_D)
     offs_m = tl.arange(0, BLOCK_M)
-    mask_m0 = offs_m < n_q
-    rows_q0 = _rows(IDXQ, q_lo + offs_m, mask_m0, GATHER_Q)
-    if BLOCK_M < BLOCK_N:
-        mask_m1 = offs_m + BLOCK_M < n_q
-        rows_q1 = _rows(IDXQ, q_lo + BLOCK_M + offs_m, mask_m1, GATHER_Q)
-    for h in tl.range(h_lo, h_hi, num_stages=STAGES):
-        k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
-        dk, dv = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q0, mask_m0, h, k, v, mask_n, offs_d, D,
-                               sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale, sm_scale,
-                               IEEE, EVEN_D)
-        if BLOCK_M < BLOCK_N:
-            dk1, dv1 = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q1, mask_m1, h, k, v, mask_n, offs_d, D,
-                                     sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale,
-                                     sm_scale, IEEE, EVEN_D)
-            dk += dk1
-            dv += dv1
-        tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-                 mask=kv_mask)
-        tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=kv_mask)
+    if BLOCK_M == BLOCK_N:  # one tile per head; the head loop is pipelined
+        mask_m = offs_m < n_q
+        rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
+        for h in tl.range(h_lo, h_hi, num_stages=STAGES):
+            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            dk, dv = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
+                                   sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale, sm_scale,
+                                   IEEE, EVEN_D)
+            tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                     mask=kv_mask)
+    else:  # keys once per head, dK and dV accumulated over query chunks; the chunk loop is pipelined
+        for h in tl.range(h_lo, h_hi, num_stages=1):
+            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for m0 in tl.range(0, n_q, BLOCK_M, num_stages=STAGES):
+                mask_m = m0 + offs_m < n_q
+                rows_q = _rows(IDXQ, q_lo + m0 + offs_m, mask_m, GATHER_Q)
+                dk_c, dv_c = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
+                                           sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale,
+                                           sm_scale, IEEE, EVEN_D)
+                dk += dk_c
+                dv += dv_c
+            tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                     mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------- shared
@@ -495,8 +517,9 @@ def _window_buckets() -> tuple[WindowBucket, ...]:
     for b in buckets:
         if b.block < 16 or b.block & (b.block - 1) or b.block <= prev:
             raise ValueError(f"window buckets {buckets}: block must be increasing powers of two >= 16")
-        if b.fwd_m not in (b.block, b.block // 2) or b.bwd_m not in (b.block, b.block // 2) or min(b.fwd_m, b.bwd_m) < 16:
-            raise ValueError(f"window bucket {b}: fwd_m and bwd_m must be block or block // 2, and >= 16")
+        for m in (b.fwd_m, b.bwd_m):
+            if m < 16 or m & (m - 1) or m > b.block:
+                raise ValueError(f"window bucket {b}: fwd_m and bwd_m must be powers of two from 16 to block")
         if b.stages < 1:
             raise ValueError(f"window bucket {b}: stages must be >= 1")
         prev = b.block
