@@ -86,7 +86,8 @@ def main() -> None:
     seen = set()
     for name in args.variants:
         win = tv.VARIANTS[name]["window"]
-        hpp = win["heads"] or _H
+        heads = win["heads"]  # "auto" picks a count at run time: compiled as for all heads unless it is 1
+        hpp = heads if isinstance(heads, int) and heads > 0 else _H
         for b in win["buckets"]:
             for which, fn, m, warps in (("fwd", tv._win_fwd_kernel, b.fwd_m, b.fwd_warps),
                                         ("bwd", tv._win_bwd_kernel, b.bwd_m, b.bwd_warps)):

@@ -401,6 +401,23 @@ def test_triton_routing_by_length():
     assert tv._Routing(plan, (), 70, torch.device("cpu")).delta_rows() is None  # window path off: all rows
 
 
+def test_triton_heads_per_program(monkeypatch):
+    """"auto" splits the heads of a bucket with few windows so that it fills the GPU."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed")
+    from trellis.modules.attention import triton_varlen as tv
+
+    monkeypatch.setattr(tv, "WINDOW_CONFIG", {"buckets": (), "heads": "auto"})
+    monkeypatch.setattr(tv, "AUTO_PROGRAMS_PER_SM", 4)
+    assert tv._head_groups(12, 2000, 132) == (12, 1)  # enough windows: all heads in one program
+    assert tv._head_groups(12, 330, 132) == (6, 2)  # 660 programs
+    assert tv._head_groups(12, 100, 132) == (2, 6)
+    assert tv._head_groups(12, 5, 132) == (1, 12)
+    assert tv._head_groups(3, 5, None) == (3, 1)  # the interpreter: all heads
+    tv.WINDOW_CONFIG["heads"] = 4
+    assert tv._head_groups(3, 5, 132) == (3, 1) and tv._head_groups(12, 5, 132) == (4, 3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 1e-2)])
@@ -416,8 +433,8 @@ _GPU_LENS_KV = [5, 16, 40, 1, 33, 100, 65, 90, 129, 64, 256, 3, 20, 300]
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant,dtype,tol", [
-    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "win_s1", "win_s3", "win_h4", "win_h1", "win_c32", "win_f64",
-                                          "win_q16", "win_max128", "win_max64", "win_w2")],
+    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "win_s1", "win_s3", "win_hall", "win_h4", "win_h1", "win_c32",
+                                          "win_f64", "win_q16", "win_max128", "win_max64", "win_w2")],
     ("win", torch.float32, 1e-5), ("win", torch.float16, 1e-2), ("win_c32", torch.float32, 1e-5),
 ])
 def test_triton_window_path_gpu(variant, dtype, tol):

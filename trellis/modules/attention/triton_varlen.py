@@ -87,12 +87,16 @@ _B16, _B32, _B64, _B128, _B256 = _buckets(
 _DEFAULT_BUCKETS = (_B16, _B32, _B64, _B128, _B256)
 
 # Window path. "buckets": increasing ``WindowBucket``s; an empty tuple turns the path off. "heads":
-# heads per program, 0 = all of them (one program per sequence), 1 = one program per (sequence, head).
-WINDOW_CONFIG = {"buckets": _DEFAULT_BUCKETS, "heads": 0}
+# heads per program: 0 = all of them (one program per sequence), 1 = one program per (sequence, head),
+# "auto" = per bucket, the most heads that still give ``AUTO_PROGRAMS_PER_SM`` x (number of SMs)
+# programs (a bucket of few windows in programs of all 12 heads would leave SMs idle; the buckets
+# are separate launches, so one bucket's tail is not filled by the next).
+WINDOW_CONFIG = {"buckets": _DEFAULT_BUCKETS, "heads": "auto"}
+AUTO_PROGRAMS_PER_SM = 4
 
 
 def _variant(blocks: dict | None = None, **window) -> dict:
-    return {"window": {"buckets": _DEFAULT_BUCKETS, "heads": 0, **window},
+    return {"window": {"buckets": _DEFAULT_BUCKETS, "heads": "auto", **window},
             "blocks": copy.deepcopy(blocks or BLOCK_CONFIG)}
 
 
@@ -107,6 +111,7 @@ VARIANTS: dict[str, dict] = {
     "old": _variant(buckets=()),  # the window path off: the code path before it, exactly
     "win_s1": _variant(buckets=_stages(_DEFAULT_BUCKETS, 1)),  # nothing pipelined
     "win_s3": _variant(buckets=_stages(_DEFAULT_BUCKETS, 3, 64)),  # (3 stages of 128 pass 228 KB of smem)
+    "win_hall": _variant(heads=0),  # all heads in one program per window
     "win_h4": _variant(heads=4),  # 4 heads per program, 3x the programs (of 12 heads)
     "win_h1": _variant(heads=1),  # one program per (window, head), with the length buckets
     "win_c32": _variant(buckets=(_B16, _B32, _B64, _B128._replace(bwd_m=32), _B256)),  # 128 bwd: chunks of 32
@@ -606,9 +611,19 @@ def _meta(q: torch.Tensor) -> dict:
     return {"BLOCK_D": max(16, triton.next_power_of_2(d)), "IEEE": q.dtype == torch.float32}
 
 
-def _head_groups(H: int) -> tuple[int, int]:
-    """(heads per window program, number of head groups)."""
-    hpp = int(WINDOW_CONFIG["heads"]) or H
+def _sm_count(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def _head_groups(H: int, n_seqs: int, sms: int | None) -> tuple[int, int]:
+    """(heads per window program, number of head groups) for a launch over ``n_seqs`` sequences on a
+    device of ``sms`` SMs (None: the interpreter, where "auto" means all heads)."""
+    heads = WINDOW_CONFIG["heads"]
+    if heads == "auto":
+        groups = 1 if sms is None else min(H, triton.cdiv(AUTO_PROGRAMS_PER_SM * sms, max(1, n_seqs)))
+        hpp = triton.cdiv(H, groups)
+    else:
+        hpp = int(heads) or H
     hpp = max(1, min(hpp, H))
     return hpp, triton.cdiv(H, hpp)
 
@@ -638,9 +653,9 @@ def _forward(q, k, v, plan: VarlenPlan, scale: float) -> tuple[torch.Tensor, tor
     meta = _meta(q)
     common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **meta)
     if rt.win:
-        buckets = _window_buckets()
-        hpp, groups = _head_groups(H)
+        buckets, sms = _window_buckets(), _sm_count(dev)
         for bi, seqs in rt.win:
+            hpp, groups = _head_groups(H, seqs.numel(), sms)
             b = buckets[bi]
             _win_fwd_kernel[(seqs.numel(), groups)](
                 q, k, v, o, lse, idx_q, idx_k, cu_q, cu_kv, seqs, *_strides(q, k, v, o),
@@ -669,9 +684,9 @@ def _backward(q, k, v, o, lse, do, plan: VarlenPlan, scale: float, dq, dk, dv) -
     meta = _meta(q)
     common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **meta)
     if rt.win:
-        buckets = _window_buckets()
-        hpp, groups = _head_groups(H)
+        buckets, sms = _window_buckets(), _sm_count(dev)
         for bi, seqs in rt.win:
+            hpp, groups = _head_groups(H, seqs.numel(), sms)
             b = buckets[bi]
             _win_bwd_kernel[(seqs.numel(), groups)](
                 q, k, v, o, do, lse, dq, dk, dv, idx_q, idx_k, cu_q, cu_kv, seqs,
