@@ -553,7 +553,9 @@ class _Routing:
     """
 
     def __init__(self, plan: VarlenPlan, blocks: tuple[int, ...], fused: int, device: torch.device):
-        self.plan, self.device, self.window_on = plan, device, bool(blocks)
+        # the plan's lengths and row index, not the plan itself (this object lives in the plan's cache)
+        self.lens_q, self.lens_kv, self.cu_q, self.index_q = plan.lens_q, plan.lens_kv, plan.cu_q, plan.index_q
+        self.device, self.window_on = device, bool(blocks)
         routes = []
         for a, b in zip(plan.lens_q, plan.lens_kv):
             r = _EMPTY if b == 0 else next((i for i, blk in enumerate(blocks) if max(a, b) <= blk), None)
@@ -576,7 +578,7 @@ class _Routing:
         key = (which, block)
         if key not in self._tables:
             keep = (_FUSED, _LONG) if which == "fwd" else (_LONG,)
-            lens = self.plan.lens_kv if which == "kv" else self.plan.lens_q
+            lens = self.lens_kv if which == "kv" else self.lens_q
             self._tables[key] = _block_table([n if r in keep else 0 for n, r in zip(lens, self.routes)], block,
                                              self.device)
         return self._tables[key]
@@ -587,10 +589,10 @@ class _Routing:
         if not self.window_on:
             return None
         if "delta" not in self._tables:
-            cu = self.plan.cu_q.cpu().long()
+            cu = self.cu_q.cpu().long()
             parts = [torch.arange(int(cu[s]), int(cu[s + 1])) for s, r in enumerate(self.routes) if r == _LONG]
             pos = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-            idx = self.plan.index_q
+            idx = self.index_q
             rows = pos if idx is None else idx.cpu()[pos]
             self._tables["delta"] = rows.to(self.device)
         return self._tables["delta"]
