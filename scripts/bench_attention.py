@@ -27,7 +27,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trellis.modules.attention.backend import backend_unavailable_reason  # noqa: E402
-from trellis.modules.attention.varlen import VarlenPlan, attention_with_plan  # noqa: E402
+from trellis.modules.attention.varlen import (  # noqa: E402
+    VarlenPlan,
+    attention_with_plan,
+    packed_attention_with_plan,
+)
 from trellis.modules.sparse import SparseTensor  # noqa: E402
 from trellis.modules.sparse.attention import full_plan, window_plan  # noqa: E402
 
@@ -152,8 +156,62 @@ def _backends(dtype, args) -> list[str]:
     return out
 
 
-def _triton_configs(args) -> list[tuple]:
+def _triton_configs(args) -> list[tuple | None]:
+    """Long-path block overrides from ``--triton-configs`` (None: each variant's own blocks)."""
+    if not args.triton_configs:
+        return [None]
     return [tuple(int(v) for v in c.split(",")) for c in args.triton_configs]
+
+
+def _triton_runs(plan: VarlenPlan, args) -> list[tuple[str, str, tuple | None]]:
+    """(row label, variant, long-path config) for each Triton row of a case, the default variant first.
+
+    Variants other than "old" and the default are skipped where their window path would take no
+    sequence of the plan (they would time the same kernels as "old").
+    """
+    from trellis.modules.attention import triton_varlen as tv
+
+    names = args.triton_variants if args.triton_variants else list(tv.VARIANTS)
+    runs = []
+    for name in names:
+        if name not in tv.VARIANTS:
+            raise SystemExit(f"unknown --triton-variants entry {name!r}; known: {', '.join(tv.VARIANTS)}")
+        buckets = tv.VARIANTS[name]["window"]["buckets"]
+        top = max((b[0] for b in buckets), default=0)
+        if name not in ("old", tv.DEFAULT_VARIANT) and not any(max(a, b) <= top for a, b in
+                                                                zip(plan.lens_q, plan.lens_kv)):
+            continue
+        for cfg in _triton_configs(args):
+            runs.append((f"triton[{name}]", name, cfg))
+    if args.packed and tv.DEFAULT_VARIANT in names:
+        runs.append((f"triton[{tv.DEFAULT_VARIANT},packed]", tv.DEFAULT_VARIANT, None))
+    return runs
+
+
+def _set_triton(variant: str, cfg: tuple | None) -> str:
+    """Switch the Triton kernels to ``variant`` (and long-path blocks ``cfg``); returns the row note."""
+    from trellis.modules.attention import triton_varlen as tv
+
+    tv.use_variant(variant)
+    if cfg is None:
+        return ""
+    tv.BLOCK_CONFIG.update({"fwd": cfg[0:3], "bwd_kv": cfg[3:6], "bwd_q": cfg[6:9],
+                            "bwd_fused": cfg[9:12] if len(cfg) == 12 else (64, 64, 4)})
+    return "cfg=" + ",".join(map(str, cfg))
+
+
+def time_packed(qkv, plan: VarlenPlan, args) -> tuple[float, float]:
+    """Like ``time_varlen`` through ``packed_attention_with_plan`` (the gradient of qkv is one buffer)."""
+    g = torch.randn(qkv.shape[0], *qkv.shape[2:], device=qkv.device, dtype=qkv.dtype)
+
+    def fwd():
+        with torch.no_grad():
+            return packed_attention_with_plan(qkv, plan, backend="triton")
+
+    def fwd_bwd():
+        torch.autograd.grad(packed_attention_with_plan(qkv, plan, backend="triton"), [qkv], g)
+
+    return cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
 
 
 def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, args, dense_L: int | None) -> list[dict]:
@@ -170,21 +228,21 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
     q, k, v = qkv.unbind(1)
     rows = []
     for backend in _backends(dtype, args):
-        configs = _triton_configs(args) if backend == "triton" else [None]
-        for cfg in configs:
-            note = ""
-            if cfg is not None:
-                from trellis.modules.attention import triton_varlen as tv
-
-                tv.BLOCK_CONFIG.update({"fwd": cfg[0:3], "bwd_kv": cfg[3:6], "bwd_q": cfg[6:9],
-                                        "bwd_fused": cfg[9:12] if len(cfg) == 12 else (64, 64, 4)})
-                note = "cfg=" + ",".join(map(str, cfg))
+        runs = _triton_runs(plan, args) if backend == "triton" else [(backend, None, None)]
+        for label, variant, cfg in runs:
+            note = _set_triton(variant, cfg) if variant is not None else ""
             try:
-                t_f, t_fb = time_varlen(q, k, v, [qkv], plan, backend, args)
+                if label.endswith(",packed]"):
+                    t_f, t_fb = time_packed(qkv, plan, args)
+                else:
+                    t_f, t_fb = time_varlen(q, k, v, [qkv], plan, backend, args)
             except (RuntimeError, ValueError) as e:  # report and continue with the other backends
-                print(f"  {backend} {note} failed: {type(e).__name__}: {str(e)[:300]}")
+                print(f"  {label} {note} failed: {type(e).__name__}: {str(e)[:300]}")
                 continue
-            rows.append(_row(name, backend, flops, t_f, t_fb, note))
+            finally:
+                if variant is not None:
+                    _set_triton(_default_variant(), None)
+            rows.append(_row(name, label, flops, t_f, t_fb, note))
             print(_fmt(rows[-1]))
     if dense_L is not None:
         B = max(1, round(N / dense_L))
@@ -192,6 +250,12 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
         rows.append(_row(name, f"dense_sdpa[{B}x{dense_L}]", B * 4.0 * dense_L * dense_L * C, t_f, t_fb))
         print(_fmt(rows[-1]))
     return rows
+
+
+def _default_variant() -> str:
+    from trellis.modules.attention import triton_varlen as tv
+
+    return tv.DEFAULT_VARIANT
 
 
 def _fmt(r: dict) -> str:
@@ -212,6 +276,27 @@ def case_swin8_objects(args) -> list[dict]:
     coords = objects(4, 3, res=16 if SMOKE else 64, seed=2)
     return run_varlen_case("swin8_objects_C768", coords, lambda x: window_plan(x, (8, 8, 8), (0, 0, 0)),
                            768, 12, args, dense_L=None)
+
+
+def standard_objects(batch: int, res: int, seed: int = 0) -> torch.Tensor:
+    """``[N, 4]`` int32 coords of the sparse-conv benchmark's objects (``bench_sparse.shells``: its
+    generator, on the device, so the same voxels as that benchmark on a GPU)."""
+    from bench_sparse import shell_object
+
+    dev = torch.device(DEVICE)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    rows = []
+    for b in range(batch):
+        xyz = shell_object(res, gen, dev)
+        rows.append(torch.cat([torch.full_like(xyz[:, :1], b), xyz], 1))
+    return torch.cat(rows).int().cpu()
+
+
+def case_swin8_8objects(args) -> list[dict]:
+    """swin-8 (shift 4) over the 8 standard objects (3 shells each) of the conv benchmark, C 768, 12 heads."""
+    coords = standard_objects(8, 16 if SMOKE else 64)
+    return run_varlen_case("swin8_8objects_C768", coords, lambda x: window_plan(x, (8, 8, 8), (4, 4, 4)),
+                           768, 12, args, dense_L=coords.shape[0] // 8)
 
 
 def case_full_objects(args) -> list[dict]:
@@ -239,7 +324,7 @@ def case_cross(args) -> list[dict]:
     flops = B * 4.0 * Lq * Lc * C
     print(f"[cross_4k_x_1374] fwd GFLOP={flops / 1e9:.2f}")
     rows = []
-    for backend in _backends(dtype, args):
+    for backend in _backends(dtype, args):  # Triton: default variant only (no window-sized sequences)
         try:
             t_f, t_fb = time_varlen(q, k, v, [q, kv], plan, backend, args)
         except (RuntimeError, ValueError) as e:
@@ -256,6 +341,7 @@ def case_cross(args) -> list[dict]:
 CASES: list[tuple[str, Callable]] = [
     ("swin8_shells", case_swin8_shells),
     ("swin8_objects", case_swin8_objects),
+    ("swin8_8objects", case_swin8_8objects),
     ("full_objects", case_full_objects),
     ("cross", case_cross),
 ]
@@ -265,8 +351,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="*", default=[n for n, _ in CASES])
     ap.add_argument("--backends", nargs="*", default=list(VARLEN_BACKENDS))
-    ap.add_argument("--triton-configs", nargs="*", default=["64,64,4,64,64,4,64,64,4"],
-                    help="BM,BN,warps for fwd, bwd_kv, bwd_q [, bwd_fused] (9 or 12 ints each)")
+    ap.add_argument("--triton-variants", nargs="*", default=None,
+                    help="named Triton configurations (triton_varlen.VARIANTS; default: all of them, each a "
+                         "row 'triton[NAME]'; 'old' = the window path off)")
+    ap.add_argument("--triton-configs", nargs="*", default=None,
+                    help="long-path blocks BM,BN,warps for fwd, bwd_kv, bwd_q [, bwd_fused] (9 or 12 ints each), "
+                         "applied on top of each variant (default: the variant's own)")
+    ap.add_argument("--no-packed", dest="packed", action="store_false",
+                    help="leave out the row 'triton[DEFAULT,packed]' (packed_attention_with_plan)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", type=str, default=None)

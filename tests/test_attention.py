@@ -16,6 +16,7 @@ from trellis.modules.attention import (
     VarlenPlan,
     attention_with_plan,
     naive_varlen_attention,
+    packed_attention_with_plan,
     select_backend,
     varlen_attention,
 )
@@ -105,6 +106,20 @@ def test_varlen_plan_is_reused_and_validates():
         VarlenPlan(torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="non-decreasing"):
         VarlenPlan(torch.tensor([0, 5, 3]))
+
+
+def test_packed_attention_matches_unbound():
+    torch.manual_seed(9)
+    lens = [3, 9, 1]
+    plan = VarlenPlan(_cu(lens), index_q=torch.randperm(13))
+    qkv = _rand(13, 3, 2, 8)
+    out = packed_attention_with_plan(qkv, plan)
+    ref = attention_with_plan(*qkv.unbind(1), plan)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, qkv, g)[0], torch.autograd.grad(ref, qkv, g)[0])
+    with pytest.raises(ValueError, match="3, H, d"):
+        packed_attention_with_plan(qkv[:, :2], plan)
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -235,37 +250,54 @@ def test_dense_mha_rope_changes_output_and_runs_backward():
 
 
 # ----------------------------------------------------------------------------- triton kernel
+def _triton_compare(device: str, dtype: torch.dtype, tol: float, lens: list[int], lens_kv: list[int] | None,
+                    H: int, d: int, gather: bool, packed: bool = False) -> None:
+    """Triton forward and backward against the float64 torch path on one plan (self or cross)."""
+    cu = _cu(lens).to(device)
+    T = sum(lens)
+    qkv = torch.randn(T, 3, H, d, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    perm = torch.randperm(T, device=device) if gather else None
+    if lens_kv is None:
+        plan, leaves = VarlenPlan(cu, index_q=perm), (qkv,)
+    else:
+        plan = VarlenPlan(cu, _cu(lens_kv).to(device), index_q=perm)
+        k, v = (torch.randn(sum(lens_kv), H, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+        leaves = (qkv, k, v)
+    if packed:
+        from trellis.modules.attention.triton_varlen import triton_packed_attention
+
+        out = triton_packed_attention(qkv, plan)
+    else:
+        out = attention_with_plan(q, k, v, plan, backend="triton")
+    ref = attention_with_plan(q.double(), k.double(), v.double(), plan, backend="torch")
+    g = torch.randn_like(out)
+    ga = torch.autograd.grad(out, leaves, g)
+    gb = torch.autograd.grad(ref, leaves, g.double())
+    for what, a, b in [("out", out, ref), *zip(("dqkv", "dk", "dv"), ga, gb)]:
+        err = (a.double() - b).norm() / b.norm()
+        assert err < tol, f"{what}: relative error {err:.2e} (lens={lens}, lens_kv={lens_kv}, H={H}, gather={gather})"
+
+
 def _triton_check(device: str, dtype: torch.dtype, tol: float, block: int | None) -> None:
+    """The long path alone (window path off), as before it existed."""
     from trellis.modules.attention import triton_varlen as tv
 
-    old = dict(tv.BLOCK_CONFIG)
+    old, old_win = dict(tv.BLOCK_CONFIG), dict(tv.WINDOW_CONFIG)
+    tv.WINDOW_CONFIG["buckets"] = ()
     if block is not None:
         tv.BLOCK_CONFIG.update({k: (block, block, 4) for k in old})
     try:
         torch.manual_seed(7)
         cases = [([5, 0, 17, 40, 1, 130], [3, 2, 20, 33, 7, 64], True),  # short (fused) and long sequences
                  ([5, 3, 1], [2, 6, 4], False)]  # only short ones: fused backward alone
-        for (lens, lens_kv, gather) in [(a, b, g) for a, b, both in cases for g in ((False, True) if both else
-                                                                                   (True,))]:
-            cu, cu_kv = _cu(lens).to(device), _cu(lens_kv).to(device)
-            T, Tk, H, d = sum(lens), sum(lens_kv), 2, 64
-            qkv = torch.randn(T, 3, H, d, device=device, dtype=dtype, requires_grad=True)
-            q, k, v = qkv.unbind(1)
-            ck = torch.randn(Tk, H, d, device=device, dtype=dtype, requires_grad=True)
-            cv = torch.randn(Tk, H, d, device=device, dtype=dtype, requires_grad=True)
-            perm = torch.randperm(T, device=device) if gather else None
-            for plan, kk, vv, leaves in ((VarlenPlan(cu, index_q=perm), k, v, (qkv,)),
-                                         (VarlenPlan(cu, cu_kv, index_q=perm), ck, cv, (qkv, ck, cv))):
-                out = attention_with_plan(q, kk, vv, plan, backend="triton")
-                ref = attention_with_plan(q.double(), kk.double(), vv.double(), plan, backend="torch")
-                g = torch.randn_like(out)
-                ga = torch.autograd.grad(out, leaves, g)
-                gb = torch.autograd.grad(ref, leaves, g.double())
-                for a, b in [(out, ref), *zip(ga, gb)]:
-                    err = (a.double() - b).norm() / b.norm()
-                    assert err < tol, f"relative error {err:.2e} (gather={gather})"
+        for lens, lens_kv, both in cases:
+            for gather in (False, True) if both else (True,):
+                _triton_compare(device, dtype, tol, lens, None, 2, 64, gather)
+                _triton_compare(device, dtype, tol, lens, lens_kv, 2, 64, gather)
     finally:
         tv.BLOCK_CONFIG.update(old)
+        tv.WINDOW_CONFIG.update(old_win)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -277,11 +309,151 @@ def test_triton_kernel_interpreter(monkeypatch):
     _triton_check("cpu", torch.float32, 1e-5, block=16)
 
 
+# Windows of length 1, at and just over each bucket boundary (16, 64; 32 for the fused backward),
+# an empty sequence; cross plans with key lengths on either side of the query lengths, and keys
+# without queries.
+_WIN_LENS = [1, 16, 17, 32, 33, 64, 65, 0, 2]
+_WIN_LENS_KV = [3, 16, 9, 32, 20, 64, 4, 40, 1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("heads_per_prog,H,fused", [(2, 3, 0), (0, 1, 32)])
+def test_triton_window_path_interpreter(monkeypatch, heads_per_prog, H, fused):
+    """The window path beside the long path, in fp32 on the CPU through TRITON_INTERPRET: buckets 16
+    (one tile) and 64 (queries in 1-4 chunks of 16), 3 heads in programs of 2 (a partial head group),
+    two-kernel long path above 64; or bucket 16 alone, 1 head, the fused long-path backward taking
+    lengths 17..32 and the two-kernel one the rest."""
+    if torch.cuda.is_available():
+        pytest.skip("covered by the GPU test")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from trellis.modules.attention import triton_varlen as tv
+
+    buckets = (tv.WindowBucket(16, 16, 1, 16, 1, 2), tv.WindowBucket(64, 16, 1, 16, 1, 1))
+    monkeypatch.setattr(tv, "WINDOW_CONFIG", {"buckets": buckets[:1] if fused else buckets, "heads": heads_per_prog})
+    monkeypatch.setattr(tv, "BLOCK_CONFIG", {"fwd": (16, 16, 4), "bwd_kv": (16, 16, 4), "bwd_q": (16, 16, 4),
+                                             "bwd_fused": (fused, fused, 4)})
+    torch.manual_seed(11)
+    d = 16
+    _triton_compare("cpu", torch.float32, 1e-5, _WIN_LENS, None, H, d, gather=False)
+    _triton_compare("cpu", torch.float32, 1e-5, _WIN_LENS, None, H, d, gather=True, packed=True)
+    _triton_compare("cpu", torch.float32, 1e-5, _WIN_LENS, _WIN_LENS_KV, H, d, gather=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_packed_gradient_is_one_buffer(monkeypatch):
+    """With q, k, v packed in one [T, 3, H, d] tensor the backward stacks nothing; with three views of
+    it autograd stacks their gradients (the copy the packed entry point saves)."""
+    if torch.cuda.is_available():
+        pytest.skip("needs the interpreter (CPU)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from trellis.modules.attention import packed_attention_with_plan
+
+    plan = VarlenPlan(_cu([3, 5]))
+    qkv = torch.randn(8, 3, 1, 16, requires_grad=True)
+    stacks = []
+    for packed in (True, False):
+        out = (packed_attention_with_plan(qkv, plan, backend="triton") if packed
+               else attention_with_plan(*qkv.unbind(1), plan, backend="triton"))
+        with torch.profiler.profile() as prof:
+            torch.autograd.grad(out, qkv, torch.ones_like(out))
+        stacks.append(sum(e.name in ("aten::stack", "aten::cat") for e in prof.events()))
+    assert stacks[0] == 0 and stacks[1] > 0, stacks
+
+
+def test_triton_variants_are_valid():
+    """Every named variant has well-formed window buckets (checked without running a kernel)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed")
+    from trellis.modules.attention import triton_varlen as tv
+
+    saved = (dict(tv.WINDOW_CONFIG), dict(tv.BLOCK_CONFIG))
+    try:
+        for name in tv.VARIANTS:
+            tv.use_variant(name)
+            assert len(tv._window_buckets()) == len(tv.WINDOW_CONFIG["buckets"])
+        with pytest.raises(ValueError, match="unknown"):
+            tv.use_variant("nope")
+    finally:
+        tv.WINDOW_CONFIG.update(saved[0])
+        tv.BLOCK_CONFIG.update(saved[1])
+    assert tv.DEFAULT_VARIANT == "win" and tv.WINDOW_CONFIG["buckets"]
+
+
+def test_triton_routing_by_length():
+    """Sequences go to the smallest window bucket that holds max(queries, keys), longest first; the
+    rest to the fused or two-kernel long path; the long path's delta covers only its own rows."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed")
+    from trellis.modules.attention import triton_varlen as tv
+
+    lens_q, lens_kv = [1, 16, 17, 0, 64, 65, 70, 3], [1, 16, 3, 5, 64, 2, 70, 80]
+    perm = torch.randperm(sum(lens_q))
+    plan = VarlenPlan(_cu(lens_q), _cu(lens_kv), index_q=perm)
+    rt = tv._Routing(plan, (16, 64), 70, torch.device("cpu"))
+    assert rt.routes == [0, 0, 1, 0, 1, tv._FUSED, tv._FUSED, tv._LONG]
+    assert [(b, ids.tolist()) for b, ids in rt.win] == [(1, [4, 2]), (0, [1, 3, 0])]
+    assert rt.fused.tolist() == [5, 6] and rt.n_long == 1
+    start = sum(lens_q[:7])
+    assert rt.delta_rows().tolist() == perm[start:start + 3].tolist()
+    seq, first = rt.table("fwd", 64)
+    assert seq.tolist() == [5, 5, 6, 6, 7] and first.tolist() == [0, 64, 0, 64, 0]
+    assert rt.table("kv", 64)[0].tolist() == [7, 7]
+    assert tv._Routing(plan, (), 70, torch.device("cpu")).delta_rows() is None  # window path off: all rows
+
+
+def test_triton_heads_per_program(monkeypatch):
+    """"auto" splits the heads of a bucket with few windows so that it fills the GPU."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed")
+    from trellis.modules.attention import triton_varlen as tv
+
+    monkeypatch.setattr(tv, "WINDOW_CONFIG", {"buckets": (), "heads": "auto"})
+    monkeypatch.setattr(tv, "AUTO_PROGRAMS_PER_SM", 4)
+    assert tv._head_groups(12, 2000, 132) == (12, 1)  # enough windows: all heads in one program
+    assert tv._head_groups(12, 330, 132) == (6, 2)  # 660 programs
+    assert tv._head_groups(12, 100, 132) == (2, 6)
+    assert tv._head_groups(12, 5, 132) == (1, 12)
+    assert tv._head_groups(3, 5, None) == (3, 1)  # the interpreter: all heads
+    tv.WINDOW_CONFIG["heads"] = 4
+    assert tv._head_groups(3, 5, 132) == (3, 1) and tv._head_groups(12, 5, 132) == (4, 3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 1e-2)])
 def test_triton_kernel_gpu(dtype, tol):
     _triton_check("cuda", dtype, tol, block=None)
+
+
+# Lengths at and just over every default bucket boundary (16 ... 256), 1 and 0.
+_GPU_LENS = [1, 16, 17, 32, 33, 64, 65, 128, 129, 200, 256, 257, 0, 7]
+_GPU_LENS_KV = [5, 16, 40, 1, 33, 100, 65, 90, 129, 64, 256, 3, 20, 300]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant,dtype,tol", [
+    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "win_s1", "win_s3", "win_hall", "win_h4", "win_h1", "win_c32",
+                                          "win_f64", "win_q16", "win_max128", "win_max64", "win_b16", "win_w2")],
+    ("win", torch.float32, 1e-5), ("win", torch.float16, 1e-2), ("win_c32", torch.float32, 1e-5),
+])
+def test_triton_window_path_gpu(variant, dtype, tol):
+    from trellis.modules.attention import triton_varlen as tv
+
+    assert variant in tv.VARIANTS
+    saved = (dict(tv.WINDOW_CONFIG), dict(tv.BLOCK_CONFIG))
+    tv.use_variant(variant)
+    try:
+        torch.manual_seed(12)
+        for H in (1, 3):
+            _triton_compare("cuda", dtype, tol, _GPU_LENS, None, H, 64, gather=False)
+            _triton_compare("cuda", dtype, tol, _GPU_LENS, None, H, 64, gather=True)
+            _triton_compare("cuda", dtype, tol, _GPU_LENS, None, H, 64, gather=True, packed=True)
+            _triton_compare("cuda", dtype, tol, _GPU_LENS, _GPU_LENS_KV, H, 64, gather=True)
+        _triton_compare("cuda", dtype, tol, _GPU_LENS, None, 2, 40, gather=True)  # head dim below BLOCK_D
+    finally:
+        tv.WINDOW_CONFIG.update(saved[0])
+        tv.BLOCK_CONFIG.update(saved[1])
 
 
 @pytest.mark.gpu

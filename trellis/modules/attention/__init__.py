@@ -9,6 +9,7 @@ from trellis.modules.attention.varlen import (
     attention_with_plan,
     dense_attention,
     naive_varlen_attention,
+    packed_attention_with_plan,
     varlen_attention,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "attention_with_plan",
     "dense_attention",
     "naive_varlen_attention",
+    "packed_attention_with_plan",
     "requested_backend",
     "select_backend",
     "varlen_attention",

@@ -4,21 +4,47 @@ What it computes is ``attention_with_plan`` (``trellis.modules.attention.varlen`
 from the query rows ``index_q[cu_q[i]:cu_q[i+1]]`` to the key/value rows ``index_kv[cu_kv[i]:cu_kv[i+1]]``
 (identity without an index). The kernels read those rows in place and write outputs and gradients
 back to them, so windowed attention needs no permuted copy of q, k, v, out or their gradients, and no
-padding: one program handles one block of up to ``BLOCK_M`` queries of one sequence and one head and
-loops over that sequence's keys in blocks of ``BLOCK_N``, with the online softmax of FlashAttention
-(Dao et al. 2022, arXiv:2205.14135). Short windows (the swin-8 windows of a surface hold ~50-150
-voxels) take one or two iterations. The backward pass follows FlashAttention-2 (Dao 2023,
-arXiv:2307.08691): one kernel per key block accumulates dK and dV over the query blocks, one per
-query block accumulates dQ; every output row has one owner, so there are no atomics. Sequences that
-fit one tile (at most ``BLOCK_CONFIG["bwd_fused"][0]`` queries and keys, most surface windows) take a
-fused backward instead: one program loads q, k, v, O and dO once and writes dQ, dK and dV.
+padding.
+
+Two families of kernels share the work; each sequence is routed to one of them by its length:
+
+* Window path (short sequences, the swin windows: a surface window of 8^3 cells holds ~10-200
+  voxels). One program per sequence and group of heads (by default all heads): it loads the
+  sequence's row indices once and then loops over the heads. The sequence has at most ``BLOCK``
+  queries and keys, ``BLOCK`` a power of two (32 to 256 by default) picked per sequence from
+  ``WINDOW_CONFIG["buckets"]`` (one launch per non-empty bucket, longest sequences first), so the
+  softmax is exact in one pass (no online rescaling). Up to 128 the whole sequence is one tile and
+  the head loop is software-pipelined (``tl.range(..., num_stages)``): the loads of head h+1 are in
+  flight while head h computes. That is the point: a window does little maths per byte, and a
+  one-(window, head) program spends most of its time waiting for its first loads. Larger buckets
+  load the keys once per head and take the queries in pipelined chunks. The backward is one program
+  per sequence as well: it computes delta = rowsum(dO * O) in place and writes dQ, dK and dV once
+  each (dK and dV accumulate over query chunks in registers), with no atomics and no second pass.
+* Long path (sequences longer than the largest bucket, e.g. full attention over an object). One
+  program handles one block of up to ``BLOCK_M`` queries of one sequence and one head and loops over
+  that sequence's keys in blocks of ``BLOCK_N``, with the online softmax of FlashAttention (Dao et al.
+  2022, arXiv:2205.14135). The backward follows FlashAttention-2 (Dao 2023, arXiv:2307.08691): one
+  kernel per key block accumulates dK and dV over the query blocks, one per query block accumulates
+  dQ; every output row has one owner, so there are no atomics. Sequences that fit one tile of
+  ``BLOCK_CONFIG["bwd_fused"]`` and are not taken by the window path get a fused one-program
+  backward per (sequence, head).
+
+``VARIANTS`` names whole configurations (the window path's settings and the long path's blocks) so
+that the benchmark can compare them in one run; ``use_variant`` switches. ``"old"`` turns the window
+path off, which is the previous code path exactly.
+
+``triton_packed_attention`` takes q, k, v as one ``[N, 3, H, d]`` tensor and returns its gradient as
+one ``[N, 3, H, d]`` buffer that the kernels write directly; with three separate views autograd would
+``torch.stack`` the three gradients into a new tensor (one more read and write of the gradient).
 
 Importing this module imports Triton; ``varlen.py`` imports it only when the backend is selected.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -26,12 +52,91 @@ import triton.language as tl
 
 from trellis.modules.attention.varlen import VarlenPlan
 
-__all__ = ["triton_varlen_attention", "BLOCK_CONFIG"]
+__all__ = ["triton_varlen_attention", "triton_packed_attention", "BLOCK_CONFIG", "WINDOW_CONFIG", "WindowBucket",
+           "VARIANTS", "DEFAULT_VARIANT", "use_variant"]
 
-# (BLOCK_M, BLOCK_N, num_warps) for the forward and the two backward kernels; the benchmark may set it.
-# "bwd_fused": (BLOCK, BLOCK, num_warps): sequences with at most BLOCK queries and keys take the one-program
-# backward; BLOCK 0 disables it.
+# Long path: (BLOCK_M, BLOCK_N, num_warps) for the forward and the two backward kernels.
+# "bwd_fused": (BLOCK, BLOCK, num_warps): sequences with at most BLOCK queries and keys that the window
+# path does not take get the one-program-per-(sequence, head) backward; BLOCK 0 disables it.
 BLOCK_CONFIG = {"fwd": (64, 64, 4), "bwd_kv": (64, 64, 4), "bwd_q": (64, 64, 4), "bwd_fused": (64, 64, 4)}
+
+
+class WindowBucket(NamedTuple):
+    """One length bucket of the window path: sequences with max(queries, keys) <= ``block`` that no
+    smaller bucket takes. ``fwd_m`` / ``bwd_m``: query chunk of the forward / backward tile, a power
+    of two from 16 to ``block``. At ``block`` the whole sequence is one tile and the head loop is
+    software-pipelined; below it the keys are loaded once per head and the queries taken in chunks
+    (the backward accumulates dK and dV over them in registers), and the chunk loop is pipelined.
+    ``stages``: ``num_stages`` of the pipelined loop (1 = none); each stage holds one iteration's
+    q, k, v (and O, dO) tiles in shared memory."""
+
+    block: int
+    fwd_m: int
+    fwd_warps: int
+    bwd_m: int
+    bwd_warps: int
+    stages: int = 2
+
+
+def _buckets(*rows: tuple) -> tuple[WindowBucket, ...]:
+    return tuple(WindowBucket(*r) for r in rows)
+
+
+_B16, _B32, _B64, _B128, _B256 = _buckets(
+    (16, 16, 2, 16, 2), (32, 32, 4, 32, 4), (64, 64, 4, 64, 4), (128, 128, 8, 128, 8), (256, 32, 8, 32, 8))
+# No 16 bucket by default: windows of <= 16 voxels carry ~0.2% of the FLOPs of a surface workload and
+# cost no more bytes in a 32 tile (masked rows are not loaded), while each bucket is one more launch.
+_DEFAULT_BUCKETS = (_B32, _B64, _B128, _B256)
+
+# Window path. "buckets": increasing ``WindowBucket``s; an empty tuple turns the path off. "heads":
+# heads per program: 0 = all of them (one program per sequence), 1 = one program per (sequence, head),
+# "auto" = per bucket, the most heads that still give ``AUTO_PROGRAMS_PER_SM`` x (number of SMs)
+# programs (a bucket of few windows in programs of all 12 heads would leave SMs idle; the buckets
+# are separate launches, so one bucket's tail is not filled by the next).
+WINDOW_CONFIG = {"buckets": _DEFAULT_BUCKETS, "heads": "auto"}
+AUTO_PROGRAMS_PER_SM = 4
+
+
+def _variant(blocks: dict | None = None, **window) -> dict:
+    return {"window": {"buckets": _DEFAULT_BUCKETS, "heads": "auto", **window},
+            "blocks": copy.deepcopy(blocks or BLOCK_CONFIG)}
+
+
+def _stages(buckets: tuple[WindowBucket, ...], stages: int, max_block: int = 1 << 30) -> tuple[WindowBucket, ...]:
+    return tuple(b._replace(stages=stages) if b.block <= max_block else b for b in buckets)
+
+
+# Named configurations for the benchmark (``scripts/bench_attention.py --triton-variants``); the first
+# is the default. (Registers and spills per kernel, sm_90, ptxas: see docs/PERFORMANCE_attention.md.)
+VARIANTS: dict[str, dict] = {
+    "win": _variant(),
+    "old": _variant(buckets=()),  # the window path off: the code path before it, exactly
+    "win_s1": _variant(buckets=_stages(_DEFAULT_BUCKETS, 1)),  # nothing pipelined
+    "win_s3": _variant(buckets=_stages(_DEFAULT_BUCKETS, 3, 64)),  # (3 stages of 128 pass 228 KB of smem)
+    "win_hall": _variant(heads=0),  # all heads in one program per window
+    "win_h4": _variant(heads=4),  # 4 heads per program, 3x the programs (of 12 heads)
+    "win_h1": _variant(heads=1),  # one program per (window, head), with the length buckets
+    "win_c32": _variant(buckets=(_B32, _B64, _B128._replace(bwd_m=32), _B256)),  # 128 bwd: chunks of 32
+    "win_f64": _variant(buckets=(_B32, _B64, _B128._replace(fwd_m=64, fwd_warps=4), _B256)),  # 128 fwd: 64s
+    "win_q16": _variant(buckets=(_B32, _B64, _B128, _B256._replace(fwd_m=64, bwd_m=16))),  # 256: other chunks
+    "win_max128": _variant(buckets=(_B32, _B64, _B128)),  # windows over 128 on the long path
+    "win_max64": _variant(buckets=(_B32, _B64)),  # windows over 64 on the long path
+    "win_b16": _variant(buckets=(_B16, _B32, _B64, _B128, _B256)),  # a 16 bucket too (one more launch)
+    "win_w2": _variant(buckets=(_B32._replace(fwd_warps=2, bwd_warps=2), _B64, _B128, _B256)),  # 2 warps at 32
+}
+DEFAULT_VARIANT = next(iter(VARIANTS))
+
+
+def use_variant(name: str) -> None:
+    """Set ``WINDOW_CONFIG`` and ``BLOCK_CONFIG`` to the named entry of ``VARIANTS`` (in place)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown triton attention variant {name!r}; known: {list(VARIANTS)}")
+    v = copy.deepcopy(VARIANTS[name])
+    WINDOW_CONFIG.clear()
+    WINDOW_CONFIG.update(v["window"])
+    BLOCK_CONFIG.clear()
+    BLOCK_CONFIG.update(v["blocks"])
+
 
 _LOG2E = 1.4426950408889634
 
@@ -53,6 +158,7 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b)
 
 
+# ----------------------------------------------------------------------------- long path
 @triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, IDXQ, IDXK, CUQ, CUK, BLK_SEQ, BLK_START,
@@ -235,19 +341,197 @@ def _bwd_fused_kernel(
     tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+# ----------------------------------------------------------------------------- window path
 @triton.jit
-def _delta_kernel(OUT, DO, DELTA, n_rows, n_heads, so_r, so_h, sdo_r, sdo_h, D,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DELTA[t, h] = sum_j O[t, h, j] * DO[t, h, j] in float32, over flat rows r = t * H + h."""
+def _mask_rows(mask_r, offs_d, D, EVEN_D: tl.constexpr):
+    """Load/store mask of a tile of rows: ``[R, 1]`` (broadcast) when the head dim fills BLOCK_D."""
+    if EVEN_D:
+        return mask_r[:, None]
+    else:
+        return mask_r[:, None] & (offs_d < D)[None, :]
+
+
+@triton.jit
+def _win_fwd_tile(
+    Q, OUT, LSE, rows_q, mask_m, h, k, v, mask_n, offs_d, D, sq_r, sq_h, so_r, so_h, n_heads, qk_scale,
+    IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """Forward of one query chunk and one head against all keys of the sequence (one-pass softmax)."""
+    q_mask = _mask_rows(mask_m, offs_d, D, EVEN_D)
+    q = tl.load(Q + rows_q[:, None] * sq_r + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN], log2 units
+    s = tl.where(mask_n[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.exp2(s - m[:, None])
+    den = tl.sum(p, 1)
+    o = _dot(p.to(v.dtype), v, IEEE) / den[:, None]
+    tl.store(OUT + rows_q[:, None] * so_r + h * so_h + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + rows_q * n_heads + h, m + tl.log2(den), mask=mask_m)
+
+
+@triton.jit
+def _win_fwd_kernel(
+    Q, K, V, OUT, LSE, IDXQ, IDXK, CUQ, CUK, SEQS,
+    sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, so_r, so_h,
+    n_heads, heads_per_prog, qk_scale, D,
+    GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Forward of one whole sequence (<= BLOCK_N queries and keys) for heads [h_lo, h_hi).
+
+    Key row indices are loaded once, before the head loop; so are the query rows when the queries
+    fit one tile (BLOCK_M == BLOCK_N), else each head loops over chunks of BLOCK_M queries.
+    """
+    seq = tl.load(SEQS + tl.program_id(0))
+    h_lo = tl.program_id(1) * heads_per_prog
+    h_hi = tl.minimum(h_lo + heads_per_prog, n_heads)
+    q_lo = tl.load(CUQ + seq)
+    n_q = tl.load(CUQ + seq + 1) - q_lo
+    k_lo = tl.load(CUK + seq)
+    n_kv = tl.load(CUK + seq + 1) - k_lo
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_kv
+    rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
+    kv_mask = _mask_rows(mask_n, offs_d, D, EVEN_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    if BLOCK_M == BLOCK_N:  # one tile per head; the head loop is pipelined
+        mask_m = offs_m < n_q
+        rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
+        for h in tl.range(h_lo, h_hi, num_stages=STAGES):
+            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            _win_fwd_tile(Q, OUT, LSE, rows_q, mask_m, h, k, v, mask_n, offs_d, D, sq_r, sq_h, so_r, so_h,
+                          n_heads, qk_scale, IEEE, EVEN_D)
+    else:  # keys loaded once per head, queries in chunks; the chunk loop is pipelined
+        for h in tl.range(h_lo, h_hi, num_stages=1):
+            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            for m0 in tl.range(0, n_q, BLOCK_M, num_stages=STAGES):
+                mask_m = m0 + offs_m < n_q
+                rows_q = _rows(IDXQ, q_lo + m0 + offs_m, mask_m, GATHER_Q)
+                _win_fwd_tile(Q, OUT, LSE, rows_q, mask_m, h, k, v, mask_n, offs_d, D, sq_r, sq_h, so_r, so_h,
+                              n_heads, qk_scale, IEEE, EVEN_D)
+
+
+@triton.jit
+def _win_bwd_tile(
+    Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
+    sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale, sm_scale,
+    IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """Backward of one query chunk and one head: stores dQ, returns its (dK / scale, dV) contributions."""
+    q_mask = _mask_rows(mask_m, offs_d, D, EVEN_D)
+    # dP - delta first, so dO and O leave registers before the score tile is live (no spills at 128x128)
+    do = tl.load(DO + rows_q[:, None] * sdo_r + h * sdo_h + offs_d[None, :], mask=q_mask, other=0.0)
+    o = tl.load(OUT + rows_q[:, None] * so_r + h * so_h + offs_d[None, :], mask=q_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
+    dp = _dot(do, tl.trans(v), IEEE) - delta[:, None]
+    q = tl.load(Q + rows_q[:, None] * sq_r + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + rows_q * n_heads + h, mask=mask_m, other=0.0)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    # Padded query rows have q = dO = O = 0 and lse 0: p = 1 there but dV, dP and so dS get nothing
+    # from them. Padded keys (k = 0, s = 0) must be masked: exp2(-lse) may overflow.
+    p = tl.where(mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    ds = (p * dp).to(q.dtype)
+    dq = _dot(ds, k, IEEE) * sm_scale
+    tl.store(DQ + rows_q[:, None] * sdq_r + h * sdq_h + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    dk = _dot(tl.trans(ds), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _win_bwd_kernel(
+    Q, K, V, OUT, DO, LSE, DQ, DK, DV, IDXQ, IDXK, CUQ, CUK, SEQS,
+    sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, sdk_r, sdk_h, sdv_r, sdv_h,
+    n_heads, heads_per_prog, qk_scale, sm_scale, D,
+    GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+):
+    """Whole backward of one sequence (<= BLOCK_N queries and keys) for heads [h_lo, h_hi): dQ, dK and
+    dV written once each; with BLOCK_M < BLOCK_N, dK and dV accumulate in registers over query chunks."""
+    seq = tl.load(SEQS + tl.program_id(0))
+    h_lo = tl.program_id(1) * heads_per_prog
+    h_hi = tl.minimum(h_lo + heads_per_prog, n_heads)
+    q_lo = tl.load(CUQ + seq)
+    n_q = tl.load(CUQ + seq + 1) - q_lo
+    k_lo = tl.load(CUK + seq)
+    n_kv = tl.load(CUK + seq + 1) - k_lo
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_kv
+    rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
+    kv_mask = _mask_rows(mask_n, offs_d, D, EVEN_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    if BLOCK_M == BLOCK_N:  # one tile per head; the head loop is pipelined
+        mask_m = offs_m < n_q
+        rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
+        for h in tl.range(h_lo, h_hi, num_stages=STAGES):
+            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            dk, dv = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
+                                   sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale, sm_scale,
+                                   IEEE, EVEN_D)
+            tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                     mask=kv_mask)
+    else:  # keys once per head, dK and dV accumulated over query chunks; the chunk loop is pipelined
+        for h in tl.range(h_lo, h_hi, num_stages=1):
+            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            for m0 in tl.range(0, n_q, BLOCK_M, num_stages=STAGES):
+                mask_m = m0 + offs_m < n_q
+                rows_q = _rows(IDXQ, q_lo + m0 + offs_m, mask_m, GATHER_Q)
+                dk_c, dv_c = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
+                                           sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale,
+                                           sm_scale, IEEE, EVEN_D)
+                dk += dk_c
+                dv += dv_c
+            tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                     mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------- shared
+@triton.jit
+def _delta_kernel(OUT, DO, DELTA, ROWS, n_flat, n_heads, so_r, so_h, sdo_r, sdo_h, D,
+                  GATHER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DELTA[t, h] = sum_j O[t, h, j] * DO[t, h, j] in float32, over flat positions r = i * H + h with
+    t = ROWS[i] (GATHER) or t = i."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = r < n_rows
-    t = (r // n_heads).to(tl.int64)
+    mask_r = r < n_flat
+    t = _rows(ROWS, r // n_heads, mask_r, GATHER)
     h = (r % n_heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     m = mask_r[:, None] & (offs_d < D)[None, :]
     o = tl.load(OUT + (t * so_r + h * so_h)[:, None] + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
     do = tl.load(DO + (t * sdo_r + h * sdo_h)[:, None] + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-    tl.store(DELTA + r, tl.sum(o * do, 1), mask=mask_r)
+    tl.store(DELTA + t * n_heads + h, tl.sum(o * do, 1), mask=mask_r)
+
+
+# ----------------------------------------------------------------------------- host side
+_FUSED, _LONG, _EMPTY = -1, -2, -3  # routes besides a window bucket index
+
+
+def _window_buckets() -> tuple[WindowBucket, ...]:
+    """``WINDOW_CONFIG["buckets"]``, checked."""
+    buckets = tuple(WindowBucket(*b) for b in WINDOW_CONFIG["buckets"])
+    prev = 0
+    for b in buckets:
+        if b.block < 16 or b.block & (b.block - 1) or b.block <= prev:
+            raise ValueError(f"window buckets {buckets}: block must be increasing powers of two >= 16")
+        for m in (b.fwd_m, b.bwd_m):
+            if m < 16 or m & (m - 1) or m > b.block:
+                raise ValueError(f"window bucket {b}: fwd_m and bwd_m must be powers of two from 16 to block")
+        if b.stages < 1:
+            raise ValueError(f"window bucket {b}: stages must be >= 1")
+        prev = b.block
+    return buckets
 
 
 def _block_table(lens: list[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,29 +544,64 @@ def _block_table(lens: list[int], block: int, device: torch.device) -> tuple[tor
     return seq.to(device=device, dtype=torch.int32), start.to(device=device, dtype=torch.int32)
 
 
-def _is_short(plan: VarlenPlan, block: int) -> list[bool]:
-    """Sequences handled by the fused backward: 1..block queries and at most block keys."""
-    return [0 < a <= block and b <= block for a, b in zip(plan.lens_q, plan.lens_kv)]
+class _Routing:
+    """Which kernels handle which sequences of a plan, with the launch tables (cached on the plan).
+
+    Route of a sequence with a queries and b keys: the first window bucket with max(a, b) <= BLOCK;
+    else the fused long-path backward if 0 < a, b <= ``fused``; else the two-kernel long path. Sequences
+    with no keys (and so no queries) need nothing.
+    """
+
+    def __init__(self, plan: VarlenPlan, blocks: tuple[int, ...], fused: int, device: torch.device):
+        # the plan's lengths and row index, not the plan itself (this object lives in the plan's cache)
+        self.lens_q, self.lens_kv, self.cu_q, self.index_q = plan.lens_q, plan.lens_kv, plan.cu_q, plan.index_q
+        self.device, self.window_on = device, bool(blocks)
+        routes = []
+        for a, b in zip(plan.lens_q, plan.lens_kv):
+            r = _EMPTY if b == 0 else next((i for i, blk in enumerate(blocks) if max(a, b) <= blk), None)
+            if r is None:
+                r = _FUSED if 0 < a <= fused and b <= fused else _LONG
+            routes.append(r)
+        self.routes = routes
+        size = [max(a, b) for a, b in zip(plan.lens_q, plan.lens_kv)]
+        self.win: list[tuple[int, torch.Tensor]] = []  # (bucket, sequence ids), largest bucket first
+        for i in reversed(range(len(blocks))):
+            ids = sorted((s for s, r in enumerate(routes) if r == i), key=lambda s: -size[s])  # longest first
+            if ids:
+                self.win.append((i, torch.tensor(ids, dtype=torch.int32).to(device)))
+        self.fused = torch.tensor([s for s, r in enumerate(routes) if r == _FUSED], dtype=torch.int32).to(device)
+        self.n_long = sum(1 for r in routes if r == _LONG)
+        self._tables: dict = {}
+
+    def table(self, which: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Long-path block table: ``"fwd"`` (fused and long sequences), ``"kv"`` / ``"q"`` (long ones)."""
+        key = (which, block)
+        if key not in self._tables:
+            keep = (_FUSED, _LONG) if which == "fwd" else (_LONG,)
+            lens = self.lens_kv if which == "kv" else self.lens_q
+            self._tables[key] = _block_table([n if r in keep else 0 for n, r in zip(lens, self.routes)], block,
+                                             self.device)
+        return self._tables[key]
+
+    def delta_rows(self) -> torch.Tensor | None:
+        """Query rows of the long sequences (the only rows whose delta the long path reads); None = all
+        rows (with the window path off, as before it)."""
+        if not self.window_on:
+            return None
+        if "delta" not in self._tables:
+            cu = self.cu_q.cpu().long()
+            parts = [torch.arange(int(cu[s]), int(cu[s + 1])) for s, r in enumerate(self.routes) if r == _LONG]
+            pos = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            idx = self.index_q
+            rows = pos if idx is None else idx.cpu()[pos]
+            self._tables["delta"] = rows.to(self.device)
+        return self._tables["delta"]
 
 
-def _tables(plan: VarlenPlan, side: str, block: int, device: torch.device, skip_short: int = 0):
-    """Block table over the sequences, leaving out the short ones when ``skip_short`` > 0."""
-
-    def build():
-        lens = plan.lens_q if side == "q" else plan.lens_kv
-        if skip_short > 0:
-            lens = [0 if sh else n for n, sh in zip(lens, _is_short(plan, skip_short))]
-        return _block_table(lens, block, device)
-
-    return plan.cached(("triton_blocks", side, block, skip_short, device), build)
-
-
-def _short_seqs(plan: VarlenPlan, block: int, device: torch.device) -> torch.Tensor:
-    def build():
-        ids = [i for i, sh in enumerate(_is_short(plan, block)) if sh]
-        return torch.tensor(ids, dtype=torch.int32).to(device)
-
-    return plan.cached(("triton_short", block, device), build)
+def _routing(plan: VarlenPlan, device: torch.device) -> _Routing:
+    blocks = tuple(b.block for b in _window_buckets())
+    fused = BLOCK_CONFIG["bwd_fused"][0]
+    return plan.cached(("triton_routing", blocks, fused, device), lambda: _Routing(plan, blocks, fused, device))
 
 
 def _index(plan: VarlenPlan, which: str, device: torch.device) -> torch.Tensor | None:
@@ -297,26 +616,130 @@ def _meta(q: torch.Tensor) -> dict:
     return {"BLOCK_D": max(16, triton.next_power_of_2(d)), "IEEE": q.dtype == torch.float32}
 
 
+def _sm_count(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def _head_groups(H: int, n_seqs: int, sms: int | None) -> tuple[int, int]:
+    """(heads per window program, number of head groups) for a launch over ``n_seqs`` sequences on a
+    device of ``sms`` SMs (None: the interpreter, where "auto" means all heads)."""
+    heads = WINDOW_CONFIG["heads"]
+    if heads == "auto":
+        groups = 1 if sms is None else min(H, triton.cdiv(AUTO_PROGRAMS_PER_SM * sms, max(1, n_seqs)))
+        hpp = triton.cdiv(H, groups)
+    else:
+        hpp = int(heads) or H
+    hpp = max(1, min(hpp, H))
+    return hpp, triton.cdiv(H, hpp)
+
+
+def _stages_for(b: WindowBucket, q: torch.Tensor) -> int:
+    """The bucket's pipeline depth for 2-byte inputs; 1 for float32 (the tests' dtype), whose doubled
+    tiles would pass the 228 KB of shared memory at 128 with 2 stages."""
+    return b.stages if q.element_size() <= 2 else 1
+
+
+def _strides(*ts: torch.Tensor) -> list[int]:
+    """Row and head strides of each ``[T, H, d]`` tensor."""
+    return [s for t in ts for s in (t.stride(0), t.stride(1))]
+
+
+def _forward(q, k, v, plan: VarlenPlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output ``[T_q, H, d]`` and log2-domain LSE ``[T_q, H]`` (float32)."""
+    T_q, H, d = q.shape
+    dev = q.device
+    cu_q, cu_kv = plan.device_tensors(dev)
+    iq, ik = _index(plan, "q", dev), _index(plan, "kv", dev)
+    idx_q = iq if iq is not None else cu_q  # unread placeholder pointer without a gather
+    idx_k = ik if ik is not None else cu_kv
+    o = torch.empty(T_q, H, d, dtype=q.dtype, device=dev)
+    lse = torch.empty(T_q, H, dtype=torch.float32, device=dev)
+    rt = _routing(plan, dev)
+    meta = _meta(q)
+    common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **meta)
+    if rt.win:
+        buckets, sms = _window_buckets(), _sm_count(dev)
+        for bi, seqs in rt.win:
+            hpp, groups = _head_groups(H, seqs.numel(), sms)
+            b = buckets[bi]
+            _win_fwd_kernel[(seqs.numel(), groups)](
+                q, k, v, o, lse, idx_q, idx_k, cu_q, cu_kv, seqs, *_strides(q, k, v, o),
+                H, hpp, scale * _LOG2E, d, EVEN_D=meta["BLOCK_D"] == d, BLOCK_M=b.fwd_m, BLOCK_N=b.block,
+                STAGES=_stages_for(b, q), num_warps=b.fwd_warps, **common,
+            )
+    bm, bn, warps = BLOCK_CONFIG["fwd"]
+    seq, start = rt.table("fwd", bm)
+    if seq.numel() > 0:
+        _fwd_kernel[(seq.numel(), H)](
+            q, k, v, o, lse, idx_q, idx_k, cu_q, cu_kv, seq, start, *_strides(q, k, v, o),
+            H, scale * _LOG2E, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
+        )
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, plan: VarlenPlan, scale: float, dq, dk, dv) -> None:
+    """Writes dq ``[T_q, H, d]``, dk and dv ``[T_kv, H, d]`` (any row/head strides) in place."""
+    T_q, H, d = q.shape
+    dev = q.device
+    cu_q, cu_kv = plan.device_tensors(dev)
+    iq, ik = _index(plan, "q", dev), _index(plan, "kv", dev)
+    idx_q = iq if iq is not None else cu_q
+    idx_k = ik if ik is not None else cu_kv
+    rt = _routing(plan, dev)
+    meta = _meta(q)
+    common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **meta)
+    if rt.win:
+        buckets, sms = _window_buckets(), _sm_count(dev)
+        for bi, seqs in rt.win:
+            hpp, groups = _head_groups(H, seqs.numel(), sms)
+            b = buckets[bi]
+            _win_bwd_kernel[(seqs.numel(), groups)](
+                q, k, v, o, do, lse, dq, dk, dv, idx_q, idx_k, cu_q, cu_kv, seqs,
+                *_strides(q, k, v, o, do, dq, dk, dv),
+                H, hpp, scale * _LOG2E, scale, d, EVEN_D=meta["BLOCK_D"] == d, BLOCK_M=b.bwd_m, BLOCK_N=b.block,
+                STAGES=_stages_for(b, q), num_warps=b.bwd_warps, **common,
+            )
+    if rt.fused.numel() > 0:
+        fused, _, fused_warps = BLOCK_CONFIG["bwd_fused"]
+        _bwd_fused_kernel[(rt.fused.numel(), H)](
+            q, k, v, o, do, lse, dq, dk, dv, idx_q, idx_k, cu_q, cu_kv, rt.fused,
+            *_strides(q, k, v, o, do, dq, dk, dv),
+            H, scale * _LOG2E, scale, d, BLOCK=fused, num_warps=fused_warps, **common,
+        )
+    if rt.n_long == 0:
+        return
+    delta = torch.empty(T_q, H, dtype=torch.float32, device=dev)  # rowsum(dO * O), long sequences' rows
+    rows = rt.delta_rows()
+    n_flat = (T_q if rows is None else rows.numel()) * H
+    block_d = meta["BLOCK_D"]
+    block_r = max(1, 4096 // block_d)
+    if n_flat > 0:
+        _delta_kernel[(triton.cdiv(n_flat, block_r),)](
+            o, do, delta, rows if rows is not None else cu_q, n_flat, H, *_strides(o, do), d,
+            GATHER=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+    bm, bn, warps = BLOCK_CONFIG["bwd_kv"]
+    seq, start = rt.table("kv", bn)
+    if seq.numel() > 0:
+        _bwd_kv_kernel[(seq.numel(), H)](
+            q, k, v, do, lse, delta, dk, dv, idx_q, idx_k, cu_q, cu_kv, seq, start,
+            *_strides(q, k, v, do, dk, dv),
+            H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
+        )
+    bm, bn, warps = BLOCK_CONFIG["bwd_q"]
+    seq, start = rt.table("q", bm)
+    if seq.numel() > 0:
+        _bwd_q_kernel[(seq.numel(), H)](
+            q, k, v, do, lse, delta, dq, idx_q, idx_k, cu_q, cu_kv, seq, start,
+            *_strides(q, k, v, do, dq),
+            H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
+        )
+
+
 class _TritonVarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: VarlenPlan, scale: float):
-        T_q, H, d = q.shape
-        dev = q.device
-        cu_q, cu_kv = plan.device_tensors(dev)
-        iq, ik = _index(plan, "q", dev), _index(plan, "kv", dev)
-        bm, bn, warps = BLOCK_CONFIG["fwd"]
-        seq, start = _tables(plan, "q", bm, dev)
-        o = torch.empty(T_q, H, d, dtype=q.dtype, device=dev)
-        lse = torch.empty(T_q, H, dtype=torch.float32, device=dev)
-        if seq.numel() > 0:
-            _fwd_kernel[(seq.numel(), H)](
-                q, k, v, o, lse, iq if iq is not None else cu_q, ik if ik is not None else cu_kv,
-                cu_q, cu_kv, seq, start,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-                H, scale * _LOG2E, d,
-                GATHER_Q=iq is not None, GATHER_K=ik is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                **_meta(q),
-            )
+        o, lse = _forward(q, k, v, plan, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.plan = plan
         ctx.scale = scale
@@ -325,60 +748,45 @@ class _TritonVarlenAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        plan: VarlenPlan = ctx.plan
-        scale = ctx.scale
         if do.stride(-1) != 1:
             do = do.contiguous()
-        T_q, H, d = q.shape
-        dev = q.device
-        cu_q, cu_kv = plan.device_tensors(dev)
-        iq, ik = _index(plan, "q", dev), _index(plan, "kv", dev)
-        dq = torch.empty(T_q, H, d, dtype=q.dtype, device=dev)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-        common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **_meta(q))
-        idx_q = iq if iq is not None else cu_q
-        idx_k = ik if ik is not None else cu_kv
-        fused, _, fused_warps = BLOCK_CONFIG["bwd_fused"]
-        if fused > 0:
-            short = _short_seqs(plan, fused, dev)
-            if short.numel() > 0:
-                _bwd_fused_kernel[(short.numel(), H)](
-                    q, k, v, o, do, lse, dq, dk, dv, idx_q, idx_k, cu_q, cu_kv, short,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                    o.stride(0), o.stride(1), do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-                    dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                    H, scale * _LOG2E, scale, d, BLOCK=fused, num_warps=fused_warps, **common,
-                )
-            if short.numel() == sum(1 for n in plan.lens_kv if n > 0):
-                return dq, dk, dv, None, None  # every sequence was short
-        delta = torch.empty(T_q, H, dtype=torch.float32, device=dev)  # rowsum(dO * O)
-        block_d = _meta(q)["BLOCK_D"]
-        block_r = max(1, 4096 // block_d)
-        if T_q * H > 0:
-            _delta_kernel[(triton.cdiv(T_q * H, block_r),)](
-                o, do, delta, T_q * H, H, o.stride(0), o.stride(1), do.stride(0), do.stride(1), d,
-                BLOCK_R=block_r, BLOCK_D=block_d,
-            )
-        bm, bn, warps = BLOCK_CONFIG["bwd_kv"]
-        seq, start = _tables(plan, "kv", bn, dev, skip_short=fused)
-        if seq.numel() > 0:
-            _bwd_kv_kernel[(seq.numel(), H)](
-                q, k, v, do, lse, delta, dk, dv, idx_q, idx_k, cu_q, cu_kv, seq, start,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-                H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
-            )
-        bm, bn, warps = BLOCK_CONFIG["bwd_q"]
-        seq, start = _tables(plan, "q", bm, dev, skip_short=fused)
-        if seq.numel() > 0:
-            _bwd_q_kernel[(seq.numel(), H)](
-                q, k, v, do, lse, delta, dq, idx_q, idx_k, cu_q, cu_kv, seq, start,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
-                H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
-            )
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        _backward(q, k, v, o, lse, do, ctx.plan, ctx.scale, dq, dk, dv)
         return dq, dk, dv, None, None
+
+
+class _TritonPackedAttention(torch.autograd.Function):
+    """q, k, v as one ``[T, 3, H, d]`` input; the gradient is one ``[T, 3, H, d]`` buffer."""
+
+    @staticmethod
+    def forward(ctx, qkv, plan: VarlenPlan, scale: float):
+        q, k, v = qkv.unbind(1)
+        o, lse = _forward(q, k, v, plan, scale)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.plan = plan
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        q, k, v = qkv.unbind(1)
+        dq, dk, dv = dqkv.unbind(1)
+        _backward(q, k, v, o, lse, do, ctx.plan, ctx.scale, dq, dk, dv)
+        return dqkv, None, None
+
+
+def _check_inputs(ts: dict, d: int) -> None:
+    for name, t in ts.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"triton varlen attention: {name} needs a unit stride in its last dim")
+    if d > 256:
+        raise ValueError(f"triton varlen attention: head dim {d} > 256 is not supported")
 
 
 def triton_varlen_attention(
@@ -389,10 +797,19 @@ def triton_varlen_attention(
     Every row must belong to exactly one sequence of ``plan`` (true for plans built from full
     offsets and permutation indices), since outputs and gradients are written once per row.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"triton varlen attention: {name} needs a unit stride in its last dim")
-    if q.shape[-1] > 256:
-        raise ValueError(f"triton varlen attention: head dim {q.shape[-1]} > 256 is not supported")
+    _check_inputs({"q": q, "k": k, "v": v}, q.shape[-1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _TritonVarlenAttention.apply(q, k, v, plan, scale)
+
+
+def triton_packed_attention(qkv: torch.Tensor, plan: VarlenPlan, scale: float | None = None) -> torch.Tensor:
+    """Self-attention of ``qkv`` ``[T, 3, H, d]`` (q, k, v along dim 1; unit last stride) -> ``[T, H, d]``.
+
+    Same maths as ``triton_varlen_attention(*qkv.unbind(1), plan)``; the backward writes dq, dk and dv
+    into one ``[T, 3, H, d]`` gradient instead of three that autograd would stack.
+    """
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"triton packed attention: expected qkv [T, 3, H, d], got {tuple(qkv.shape)}")
+    _check_inputs({"qkv": qkv}, qkv.shape[-1])
+    scale = 1.0 / math.sqrt(qkv.shape[-1]) if scale is None else float(scale)
+    return _TritonPackedAttention.apply(qkv, plan, scale)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from trellis.modules.attention.backend import select_backend
 
-__all__ = ["VarlenPlan", "varlen_attention", "attention_with_plan", "dense_attention", "naive_varlen_attention"]
+__all__ = ["VarlenPlan", "varlen_attention", "attention_with_plan", "packed_attention_with_plan", "dense_attention",
+           "naive_varlen_attention"]
 
 # Sequences longer than this run unpadded, one bucket per distinct length pair.
 _EXACT_ABOVE = 1024
@@ -296,6 +297,34 @@ def attention_with_plan(
 
         return triton_varlen_attention(q, k, v, plan, scale)
     return _attention_fused(q, k, v, plan, scale, backend)
+
+
+
+def packed_attention_with_plan(
+    qkv: torch.Tensor,
+    plan: VarlenPlan,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+    sparse: bool = True,
+) -> torch.Tensor:
+    """``attention_with_plan(*qkv.unbind(1), plan)`` for q, k, v packed as ``qkv`` ``[T, 3, H, d]``.
+
+    Same result and arguments. The ``triton`` backend then returns the gradient of ``qkv`` as one
+    buffer its kernels write directly, where three views' gradients would be stacked by autograd (a
+    copy); the other backends unbind and call ``attention_with_plan``.
+    """
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"packed attention expects qkv [T, 3, H, d], got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(1)
+    _check_qkv(q, k, v, plan)
+    if backend is None:
+        backend = select_backend(q.device, q.dtype, varlen=True, sparse=sparse, max_len=max(plan.max_q, plan.max_kv))
+    if backend == "triton" and qkv.stride(-1) == 1:
+        from trellis.modules.attention.triton_varlen import triton_packed_attention
+
+        return triton_packed_attention(qkv, plan, scale)
+    return attention_with_plan(q, k, v, plan, scale=scale, backend=backend, sparse=sparse)
 
 
 def varlen_attention(

@@ -7,7 +7,7 @@ from torch import nn
 
 from trellis.modules.attention.modules import add_projections
 from trellis.modules.attention.rope import RotaryPositionEmbedder
-from trellis.modules.attention.varlen import attention_with_plan
+from trellis.modules.attention.varlen import attention_with_plan, packed_attention_with_plan
 from trellis.modules.sparse.attention.partition import (
     as_triple,
     cross_plan,
@@ -133,8 +133,11 @@ class SparseMultiHeadAttention(nn.Module):
             if context is not None:
                 raise ValueError("SparseMultiHeadAttention(type='self'): context must be None")
             qkv = self.to_qkv(feats).view(N, 3, H, d)  # [N, 3C] -> [N, 3, H, d]
-            q, k, v = qkv.unbind(dim=1)
             plan = self._self_plan(x)
+            if not (self.qk_rms_norm or self.use_rope):  # q, k, v stay one tensor: one gradient buffer
+                h = packed_attention_with_plan(qkv, plan)  # [N, H, d]
+                return x.replace(self.to_out(h.reshape(N, C)))  # [N, H, d] -> [N, C]
+            q, k, v = qkv.unbind(dim=1)
         else:
             if context is None:
                 raise ValueError("SparseMultiHeadAttention(type='cross'): context is required")
