@@ -113,6 +113,10 @@ def test_env_switch(monkeypatch):
         fused.fused_kernels(blk)
     with pytest.raises(ValueError, match="mode"):
         fused.set_fused(blk, "fast")
+    fused.set_fused(blk, "compile", backend="eager", options=None, dynamic=None)
+    fused.set_fused(blk.self_attn, "compile", backend="inductor", options={"max_autotune": False})
+    assert fused.fused_kernels(blk) is fused.fused_kernels(blk.cross_attn.q_rms_norm)
+    assert dict(fused.fused_kernels(blk.self_attn.q_rms_norm).setting.compile_kwargs)["options"] == {"max_autotune": False}
 
 
 def test_state_dict_unchanged():

@@ -266,13 +266,14 @@ class _Kernels:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-_KERNELS: dict[FusedSetting, _Kernels] = {}
+_KERNELS: dict[tuple[str, str], _Kernels] = {}
 
 
 def _kernels_for(setting: FusedSetting) -> _Kernels:
-    k = _KERNELS.get(setting)
+    key = (setting.mode, repr(setting.compile_kwargs))  # kwargs may hold unhashable values (options={...})
+    k = _KERNELS.get(key)
     if k is None:
-        k = _KERNELS[setting] = _Kernels(setting)
+        k = _KERNELS[key] = _Kernels(setting)
     return k
 
 
