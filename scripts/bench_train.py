@@ -11,7 +11,12 @@ reference numbers). CUDA events after warm-up, median of the repetitions.
 Model FLOPs = 3 x forward (linear 2 x rows x in x out; sparse conv 2 x active pairs x C_in x C_out;
 attention 4 L^2 C self, 4 L L_cond C cross); MFU against the bf16 matmul peak measured in the run.
 
-    python scripts/bench_train.py [--which ss,slat] [--modes inflat_all,bf16] [--steps 8] [--compile]
+    python scripts/bench_train.py [--which ss,slat] [--modes inflat_all,bf16] [--steps 8] [--compile ss:bf16,slat:inflat_all]
+
+``--compile WHICH:MODE`` runs that pair again with the trainer's ``compile=True``: the dense SS model
+is compiled whole, the sparse SLat model compiles its fused element-wise regions instead
+(``trellis.modules.fused``; it cannot be compiled whole). ``TRELLIS_FUSED=eager|1`` in the environment
+also switches the fused regions on in the plain runs.
 """
 
 from __future__ import annotations
@@ -156,13 +161,13 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
     targs = dict(cfg["trainer"]["args"])
     for k in ("image_cond_model", "elastic"):
         targs.pop(k, None)
-    targs.update(fp16_mode=mode, i_log=0, i_sample=0, i_save=0, i_print=0, i_ddpcheck=0, num_workers=0)
+    targs.update(fp16_mode=mode, i_log=0, i_sample=0, i_save=0, i_print=0, i_ddpcheck=0, num_workers=0,
+                 compile=compile_model)
     name = "SparseFlowMatchingCFGTrainer" if sparse else "FlowMatchingCFGTrainer"
     with tempfile.TemporaryDirectory() as out:
         trainer = TRAINERS.get(name)({"denoiser": model}, dataset, output_dir=out, dist=DistInfo(device=device),
                                      **targs)
-        if compile_model:
-            trainer.training_models["denoiser"] = torch.compile(trainer.training_models["denoiser"])
+        route = ("regions" if hasattr(model, "compile_fused_regions") else "whole") if compile_model else "none"
         collate = trainer.collate_fn() or dataset.collate_fn
         batch = trainer.to_device(trainer.check_failed(collate([dataset[i] for i in range(8)])))
 
@@ -201,9 +206,13 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
     tokens = x_all.feats.shape[0] if sparse else 8 * (spec["args"]["resolution"] // spec["args"]["patch_size"]) ** 3
     del trainer, model
     torch.cuda.empty_cache()
-    return {"config": CONFIGS[which], "mode": mode + ("+compile" if compile_model else ""), "step_ms": t * 1e3,
+    label = mode + {"none": "", "whole": "+compile", "regions": "+compile(fused regions)"}[route]
+    if route == "none" and sparse and os.environ.get("TRELLIS_FUSED", ""):
+        label += f"+TRELLIS_FUSED={os.environ['TRELLIS_FUSED']}"
+    return {"config": CONFIGS[which], "mode": label, "step_ms": t * 1e3,
             "spread_ms": (max(times) - min(times)) * 1e3, "steps_per_s": 1 / t, "tokens_per_s": tokens / t,
-            "tokens": tokens, "peak_gib": peak, "tflop_step": flops / 1e12, "warm_s": warm_s}
+            "tokens": tokens, "peak_gib": peak, "tflop_step": flops / 1e12, "warm_s": warm_s,
+            "compile_route": route, "trellis_fused_env": os.environ.get("TRELLIS_FUSED", "")}
 
 
 def main() -> None:
@@ -211,7 +220,9 @@ def main() -> None:
     ap.add_argument("--which", default="ss,slat")
     ap.add_argument("--modes", default="inflat_all,bf16")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--compile", default="", help="comma list of which,mode pairs to also run compiled, e.g. ss:bf16")
+    ap.add_argument("--compile", default="",
+                    help="comma list of which:mode pairs to also run with the trainer's compile=True, e.g. "
+                         "ss:bf16,slat:inflat_all (SLat: its fused regions are compiled, not the whole model)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile_dir", default=None, help="write a kernel table of one profiled step per run here")
     args = ap.parse_args()

@@ -25,6 +25,7 @@ from trellis.models.elastic import SparseTransformerElasticMixin
 from trellis.models.sparse_structure_flow import init_dit_weights
 from trellis.modules.embeddings import AbsolutePositionEmbedder, TimestepEmbedder
 from trellis.modules.fp16 import TorsoPrecisionMixin
+from trellis.modules.fused import FusedRegionsMixin
 from trellis.modules.norm import LayerNorm32
 from trellis.modules.sparse.basic import SparseTensor
 from trellis.modules.sparse.conv import SparseConv3d
@@ -90,7 +91,7 @@ class SparseResBlock3d(nn.Module):
         return h.replace(h.feats + self.skip_connection(x).feats)  # Identity passes x through
 
 
-class SLatFlowModel(TorsoPrecisionMixin, nn.Module):
+class SLatFlowModel(FusedRegionsMixin, TorsoPrecisionMixin, nn.Module):
     """Sparse flow transformer over the structured latent.
 
     Args:
@@ -113,6 +114,10 @@ class SLatFlowModel(TorsoPrecisionMixin, nn.Module):
         share_mod: one top-level ``adaLN_modulation`` shared by all transformer blocks.
         qk_rms_norm: RMS norm of q, k in the self-attention.
         qk_rms_norm_cross: RMS norm of q, k in the cross-attention.
+
+    Not compiled whole (its ``SparseTensor`` caches do not survive dynamo): ``compile_fused_regions``
+    (what the trainer's ``compile`` calls) compiles the fused element-wise regions of its transformer
+    blocks instead (``trellis.modules.fused``).
     """
 
     torso_modules = ("input_blocks", "blocks", "out_blocks")

@@ -74,6 +74,16 @@ def _optimizer_args(name: str, args: dict, params: list[torch.Tensor]) -> dict:
     return dict(args)
 
 
+def compile_model(model: nn.Module, compile_kwargs: dict) -> nn.Module:
+    """The trainer's ``compile``: ``torch.compile(model)``, or for a model that declares fused regions
+    (a ``compile_fused_regions`` method) those regions compiled in place and the model returned."""
+    hook = getattr(model, "compile_fused_regions", None)
+    if callable(hook):
+        hook(**compile_kwargs)
+        return model
+    return torch.compile(model, **compile_kwargs)
+
+
 class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
     """Base trainer. Config keys are those of the original TRELLIS trainer plus a few new ones.
 
@@ -105,7 +115,9 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
         snapshot_samples: samples per snapshot.
         wandb: kwargs for ``wandb.init`` to also log there (needs wandb installed).
         compile: wrap each trained model in ``torch.compile`` (True, or a dict of its kwargs) from the
-            outside; checkpoints, snapshots and state dicts use the plain models.
+            outside; checkpoints, snapshots and state dicts use the plain models. A model with a
+            ``compile_fused_regions`` method (the sparse SLat flow model, which dynamo cannot trace
+            whole) gets its fused element-wise regions compiled instead (``trellis.modules.fused``).
     """
 
     def __init__(self, models: dict[str, nn.Module], dataset: Any, *, output_dir: str,
@@ -148,7 +160,7 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
                 model.convert_to_fp32()
             model.to(self.device)
         compile_kwargs = compile if isinstance(compile, dict) else ({} if compile else None)
-        self.training_models = {k: self._wrap(m if compile_kwargs is None else torch.compile(m, **compile_kwargs))
+        self.training_models = {k: self._wrap(m if compile_kwargs is None else compile_model(m, compile_kwargs))
                                 for k, m in models.items()}
         self.params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
         if not self.params:

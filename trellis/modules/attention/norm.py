@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trellis.modules import fused
+
 __all__ = ["MultiHeadRMSNorm"]
 
 
@@ -24,6 +26,9 @@ class MultiHeadRMSNorm(nn.Module):
     Keys: ``gamma`` ``[H, d]`` (float32; initialised to ones).
 
     Input ``[..., H, d]`` -> output of the same shape and dtype.
+
+    With fused regions on (``fused_setting`` / ``TRELLIS_FUSED``, see ``trellis.modules.fused``) the
+    same expression runs as one compiled region.
     """
 
     def __init__(self, dim: int, heads: int):
@@ -34,12 +39,16 @@ class MultiHeadRMSNorm(nn.Module):
         self.heads = heads
         self.scale = math.sqrt(dim)
         self.gamma = nn.Parameter(torch.ones(heads, dim))
+        self.fused_setting: fused.FusedSetting | None = None  # None: follow TRELLIS_FUSED
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or tuple(x.shape[-2:]) != (self.heads, self.dim):
             raise ValueError(
                 f"MultiHeadRMSNorm: expected input [..., {self.heads}, {self.dim}], got {tuple(x.shape)}"
             )
+        kern = fused.fused_kernels(self)
+        if kern is not None:
+            return fused.rms_norm_heads(x, self.gamma, self.scale, kern)
         y = F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale
         return y.to(x.dtype)
 

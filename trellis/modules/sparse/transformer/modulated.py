@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trellis.modules import fused
 from trellis.modules.norm import LayerNorm32
 from trellis.modules.sparse.attention import SparseMultiHeadAttention
 from trellis.modules.sparse.basic import SparseTensor
@@ -36,8 +37,7 @@ class _PerBatchRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (batch_ids,) = ctx.saved_tensors
-        one_hot = torch.nn.functional.one_hot(batch_ids, ctx.batch_size).to(grad.dtype)  # [N, B]
-        return one_hot.t() @ grad, None, None  # [B, N] @ [N, K] -> [B, K]
+        return fused.segment_sum(grad, batch_ids, ctx.batch_size), None, None  # [B, K]
 
 
 def per_batch_rows(x: SparseTensor, v: torch.Tensor) -> torch.Tensor:
@@ -59,6 +59,10 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
     The 6C modulation is chunked as shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
     Keys (in order): ``norm2.*``, ``self_attn.*``, ``cross_attn.*``, ``mlp.mlp.{0,2}.*``,
     ``adaLN_modulation.1.*`` (absent with ``share_mod``).
+
+    Fused regions (``trellis.modules.fused``; ``fused_setting``, default ``TRELLIS_FUSED``): LN1 +
+    modulation; gated residual + LN2; residual + LN3 + modulation; gated residual. The per-batch
+    modulation is gathered per voxel inside each region (no ``[N, 6C]`` rows).
 
     Args:
         channels: C.
@@ -109,9 +113,29 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
         self.mlp = FeedForwardNet(channels, mlp_ratio=mlp_ratio)
         if not share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels, bias=True))
+        self.fused_setting: fused.FusedSetting | None = None  # None: follow TRELLIS_FUSED
+
+    def _forward_fused(self, x: SparseTensor, mod6: torch.Tensor, context: torch.Tensor,
+                       kern: fused._Kernels) -> SparseTensor:
+        """The same maths as :meth:`_forward` with the element-wise work in fused regions."""
+        if mod6.dim() != 2 or mod6.shape[0] != x.batch_size:
+            raise ValueError(f"per_batch_rows: expected [B={x.batch_size}, K], got {tuple(mod6.shape)}")
+        ids = x.batch_ids
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod6.chunk(6, dim=1)  # [B, C] each
+        h = fused.add_layer_norm(x.feats, ids, kern, shift=shift_msa, scale=scale_msa, eps=self.norm1.eps)
+        h = self.self_attn(x.replace(h)).feats
+        feats, h = fused.add_layer_norm(x.feats, ids, kern, h=h, gate=gate_msa, weight=self.norm2.weight,
+                                        bias=self.norm2.bias, eps=self.norm2.eps)
+        h = self.cross_attn(x.replace(h), context).feats
+        feats, h = fused.add_layer_norm(feats, ids, kern, h=h, shift=shift_mlp, scale=scale_mlp, eps=self.norm3.eps)
+        h = self.mlp(h)
+        return x.replace(fused.gated_residual(feats, h, gate_mlp, ids, kern))
 
     def _forward(self, x: SparseTensor, mod: torch.Tensor, context: torch.Tensor) -> SparseTensor:
         mod6 = mod if self.share_mod else self.adaLN_modulation(mod)  # [B, 6C]
+        kern = fused.fused_kernels(self)
+        if kern is not None:
+            return self._forward_fused(x, mod6, context, kern)
         mod6 = per_batch_rows(x, mod6)  # [B, 6C] -> [N, 6C], per-batch vectors broadcast to voxels
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod6.chunk(6, dim=1)
         h = self.norm1(x.feats) * (1 + scale_msa) + shift_msa
