@@ -376,7 +376,8 @@ def test_triton_variants_are_valid():
     finally:
         tv.WINDOW_CONFIG.update(saved[0])
         tv.BLOCK_CONFIG.update(saved[1])
-    assert tv.DEFAULT_VARIANT == "win" and tv.WINDOW_CONFIG["buckets"]
+    # the window path is measured but off by default (not faster on an H200)
+    assert tv.DEFAULT_VARIANT == "old" and not tv.WINDOW_CONFIG["buckets"]
 
 
 def test_triton_routing_by_length():
@@ -433,9 +434,8 @@ _GPU_LENS_KV = [5, 16, 40, 1, 33, 100, 65, 90, 129, 64, 256, 3, 20, 300]
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant,dtype,tol", [
-    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "win_s1", "win_s3", "win_hall", "win_h4", "win_h1", "win_c32",
-                                          "win_f64", "win_q16", "win_max128", "win_max64", "win_b16", "win_w2")],
-    ("win", torch.float32, 1e-5), ("win", torch.float16, 1e-2), ("win_c32", torch.float32, 1e-5),
+    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "win_s1", "win_max64")],
+    ("win", torch.float32, 1e-5), ("win", torch.float16, 1e-2),
 ])
 def test_triton_window_path_gpu(variant, dtype, tol):
     from trellis.modules.attention import triton_varlen as tv
