@@ -150,14 +150,10 @@ class InflatAllPolicy(PrecisionPolicy):
         own = [p.grad for p, m in zip(self.params, self.master_params) if m is p and p.grad is not None]
         if own:
             torch._foreach_mul_(own, inv)
-        # Overflow test over every grad (before clipping can turn inf into nan or zero).
-        norm = _total_norm(self.master_params)
-        finite = torch.isfinite(norm)
-        if clip_fn is not None:
-            # Clipping a non-finite step only spoils grads that are skipped anyway; the norm reported
-            # for it stays the unclipped non-finite one.
-            norm = torch.where(finite, clip_fn(self.master_params), norm)
-        return norm, finite
+        # Overflow test: the clip functions return the norm of every grad before clipping (which
+        # could turn inf into nan or zero); clipping a non-finite step only spoils grads that are
+        # skipped anyway.
+        return super().unscale_and_clip(clip_fn)
 
     def step(self, optimizer: torch.optim.Optimizer, ok: torch.Tensor | bool = True) -> None:
         step_unless_nonfinite(optimizer, ok)
@@ -198,11 +194,7 @@ class AmpPolicy(PrecisionPolicy):
     def unscale_and_clip(self, clip_fn: ClipFn | None) -> tuple[torch.Tensor, bool]:
         assert self._optimizer is not None, "AmpPolicy.bind(optimizer) was not called"
         self.scaler.unscale_(self._optimizer)
-        norm = _total_norm(self.master_params)
-        finite = torch.isfinite(norm)
-        if clip_fn is not None:
-            norm = torch.where(finite, clip_fn(self.master_params), norm)
-        return norm, finite  # GradScaler.step decides (it skips on inf itself)
+        return super().unscale_and_clip(clip_fn)  # GradScaler.step decides (it skips on inf itself)
 
     def step(self, optimizer: torch.optim.Optimizer, ok: torch.Tensor | bool = True) -> None:
         self.scaler.step(optimizer)
