@@ -40,10 +40,14 @@ class _PerBatchRows(torch.autograd.Function):
         return fused.segment_sum(grad, batch_ids, ctx.batch_size), None, None  # [B, K]
 
 
-def per_batch_rows(x: SparseTensor, v: torch.Tensor) -> torch.Tensor:
-    """Broadcasts per-batch vectors ``v [B, K]`` to the rows of ``x``: ``[N, K]``, row i = ``v[batch(i)]``."""
+def _check_per_batch(x: SparseTensor, v: torch.Tensor) -> None:
     if v.dim() != 2 or v.shape[0] != x.batch_size:
         raise ValueError(f"per_batch_rows: expected [B={x.batch_size}, K], got {tuple(v.shape)}")
+
+
+def per_batch_rows(x: SparseTensor, v: torch.Tensor) -> torch.Tensor:
+    """Broadcasts per-batch vectors ``v [B, K]`` to the rows of ``x``: ``[N, K]``, row i = ``v[batch(i)]``."""
+    _check_per_batch(x, v)
     if not (torch.is_grad_enabled() and v.requires_grad):
         return v[x.batch_ids]
     return _PerBatchRows.apply(v, x.batch_ids, x.batch_size)
@@ -118,8 +122,7 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
     def _forward_fused(self, x: SparseTensor, mod6: torch.Tensor, context: torch.Tensor,
                        kern: fused._Kernels) -> SparseTensor:
         """The same maths as :meth:`_forward` with the element-wise work in fused regions."""
-        if mod6.dim() != 2 or mod6.shape[0] != x.batch_size:
-            raise ValueError(f"per_batch_rows: expected [B={x.batch_size}, K], got {tuple(mod6.shape)}")
+        _check_per_batch(x, mod6)
         ids = x.batch_ids
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod6.chunk(6, dim=1)  # [B, C] each
         h = fused.add_layer_norm(x.feats, ids, kern, shift=shift_msa, scale=scale_msa, eps=self.norm1.eps)
