@@ -6,7 +6,10 @@ sizes (8 per GPU; SLat in 4 balanced micro-batches), ``fp16_mode`` inflat_all an
 adaptive clipping, AdamW, EMA. Synthetic inputs already on the GPU: SS latents [8, 8, 16^3]; SLat
 = 8 objects, each the union of 3 superellipsoid shells on 64^3 (~15.8k voxels); condition tokens
 [8, 1374, 1024] (the DINOv2 encoder is not timed). No elastic checkpointing (as the original's
-reference numbers). CUDA events after warm-up, median of the repetitions.
+reference numbers). CUDA events after warm-up, median of the repetitions. Two timings: each step
+alone (events around one step, synchronised after it), and pipelined (events around blocks of
+``--pipe_block`` steps with no synchronisation inside, as ``Trainer.run`` runs them: the host queues
+the next step while the GPU finishes the last; per-step time = block time / block length).
 
 Model FLOPs = 3 x forward (linear 2 x rows x in x out; sparse conv 2 x active pairs x C_in x C_out;
 attention 4 L^2 C self, 4 L L_cond C cross); MFU against the bf16 matmul peak measured in the run.
@@ -148,8 +151,8 @@ def slat_flops(args: dict, x: "SparseTensor") -> float:  # noqa: F821
 
 
 # --------------------------------------------------------------------------------------------- bench
-def bench(which: str, mode: str, steps: int, device: torch.device, compile_model: bool,
-          profile_dir: str | None = None) -> dict:
+def bench(which: str, mode: str, steps: int, device: torch.device, compile_model: bool | dict,
+          profile_dir: str | None = None, pipe_block: int = 4, pipe_reps: int = 5) -> dict:
     with open(os.path.join(ROOT, "configs", "generation", CONFIGS[which] + ".json")) as f:
         cfg = json.load(f)
     spec = cfg["models"]["denoiser"]
@@ -192,6 +195,22 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
             torch.cuda.synchronize()
             times.append(s.elapsed_time(e) / 1e3)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        # Pipelined: blocks of steps between two events, no host sync inside a block, as in
+        # Trainer.run (the step never waits for the GPU, so the host queues step n+1 while the GPU
+        # still runs step n). Per-step time = block time / block length; median over the blocks.
+        piped, host = [], []
+        for r in range(pipe_reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            h0 = time.perf_counter()
+            for j in range(pipe_block):
+                trainer.step = 3 + steps + r * pipe_block + j
+                trainer.run_step(fresh())
+            host.append((time.perf_counter() - h0) / pipe_block)
+            e.record()
+            torch.cuda.synchronize()
+            piped.append(s.elapsed_time(e) / 1e3 / pipe_block)
+        trainer.drain_checks()
         if profile_dir:
             from torch.profiler import ProfilerActivity, profile
 
@@ -203,14 +222,22 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
                       "w") as f:
                 f.write(table)
     t = statistics.median(times)
+    tp = statistics.median(piped) if piped else float("nan")
     tokens = x_all.feats.shape[0] if sparse else 8 * (spec["args"]["resolution"] // spec["args"]["patch_size"]) ** 3
     del trainer, model
     torch.cuda.empty_cache()
     label = mode + {"none": "", "whole": "+compile", "regions": "+compile(fused regions)"}[route]
+    if isinstance(compile_model, dict) and compile_model:
+        label += json.dumps(compile_model, separators=(",", ":"))
+    if os.environ.get("SPARSE_ATTN_BACKEND") and sparse:
+        label += f"+SPARSE_ATTN_BACKEND={os.environ['SPARSE_ATTN_BACKEND']}"
     if route == "none" and sparse and os.environ.get("TRELLIS_FUSED", ""):
         label += f"+TRELLIS_FUSED={os.environ['TRELLIS_FUSED']}"
     return {"config": CONFIGS[which], "mode": label, "step_ms": t * 1e3,
-            "spread_ms": (max(times) - min(times)) * 1e3, "steps_per_s": 1 / t, "tokens_per_s": tokens / t,
+            "spread_ms": (max(times) - min(times)) * 1e3, "step_ms_pipelined": tp * 1e3,
+            "pipelined_spread_ms": (max(piped) - min(piped)) * 1e3 if piped else float("nan"),
+            # host time to queue one step; close to the step time = the host, not the GPU, is the limit
+            "host_ms_pipelined": statistics.median(host) * 1e3 if host else float("nan"), "steps_per_s": 1 / t, "tokens_per_s": tokens / t,
             "tokens": tokens, "peak_gib": peak, "tflop_step": flops / 1e12, "warm_s": warm_s,
             "compile_route": route, "trellis_fused_env": os.environ.get("TRELLIS_FUSED", "")}
 
@@ -223,6 +250,10 @@ def main() -> None:
     ap.add_argument("--compile", default="",
                     help="comma list of which:mode pairs to also run with the trainer's compile=True, e.g. "
                          "ss:bf16,slat:inflat_all (SLat: its fused regions are compiled, not the whole model)")
+    ap.add_argument("--compile_kwargs", default="",
+                    help='torch.compile kwargs (JSON) for the --compile runs, e.g. \'{"mode": "max-autotune-no-cudagraphs"}\'')
+    ap.add_argument("--pipe_block", type=int, default=4, help="steps per pipelined block (no host sync inside)")
+    ap.add_argument("--pipe_reps", type=int, default=5, help="pipelined blocks (median); 0 skips the pipelined timing")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile_dir", default=None, help="write a kernel table of one profiled step per run here")
     args = ap.parse_args()
@@ -234,22 +265,26 @@ def main() -> None:
     print(f"card: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
           f"bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     runs = [(w, m, False) for w in args.which.split(",") for m in args.modes.split(",")]
-    runs += [(p.split(":")[0], p.split(":")[1], True) for p in args.compile.split(",") if p]
+    ckw = json.loads(args.compile_kwargs) if args.compile_kwargs else True
+    runs += [(p.split(":")[0], p.split(":")[1], ckw) for p in args.compile.split(",") if p]
     rows = []
     for which, mode, comp in runs:
-        r = bench(which, mode, args.steps, device, comp, args.profile_dir)
+        r = bench(which, mode, args.steps, device, comp, args.profile_dir, args.pipe_block, args.pipe_reps)
         r["mfu"] = r["tflop_step"] / (r["step_ms"] / 1e3) / peak
+        r["mfu_pipelined"] = r["tflop_step"] / (r["step_ms_pipelined"] / 1e3) / peak
         rows.append(r)
         print(json.dumps(r), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(device), "peak_tflops": peak, "rows": rows}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name(device)}, bf16 peak {peak:.0f} TFLOP/s")
-    print("| config | fp16_mode | step (ms) | steps/s | tokens/s | TFLOP/step | MFU | peak memory (GiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | fp16_mode | step (ms) | steps/s | tokens/s | TFLOP/step | MFU | pipelined step (ms) | "
+          "pipelined MFU | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['mode']} | {r['step_ms']:.1f} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} "
-              f"| {r['tflop_step']:.1f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+              f"| {r['tflop_step']:.1f} | {100 * r['mfu']:.1f}% | {r['step_ms_pipelined']:.1f} "
+              f"| {100 * r['mfu_pipelined']:.1f}% | {r['peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,9 @@ def test_backend_env_read_at_call_time(monkeypatch):
     monkeypatch.setenv("SPARSE_ATTN_BACKEND", "flash_attn")
     with pytest.raises(BackendError, match="CUDA"):
         select_backend(cpu, torch.float16, varlen=True, sparse=True)
+    monkeypatch.setenv("SPARSE_ATTN_BACKEND", "cudnn")
+    with pytest.raises(BackendError, match="'cudnn' needs CUDA"):
+        select_backend(cpu, torch.bfloat16, varlen=True, sparse=True)
     monkeypatch.setenv("SPARSE_ATTN_BACKEND", "sdpa")
     assert select_backend(cpu, torch.float32, varlen=True, sparse=True) == "torch"
     monkeypatch.setenv("ATTN_BACKEND", "xformers")
@@ -458,7 +461,7 @@ def test_triton_window_path_gpu(variant, dtype, tol):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["torch", "torch_varlen", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "torch_varlen", "triton", "cudnn"])
 def test_cuda_backends_match_reference(backend):
     from trellis.modules.attention.backend import backend_unavailable_reason
 
@@ -475,6 +478,31 @@ def test_cuda_backends_match_reference(backend):
     plan = VarlenPlan(cu, index_q=perm)
     out = attention_with_plan(q, k, v, plan, backend=backend)
     ref = attention_with_plan(q.double(), k.double(), v.double(), plan, backend="torch")
+    g = torch.randn_like(out)
+    for a, b in [(out, ref), *zip(torch.autograd.grad(out, (q, k, v), g),
+                                  torch.autograd.grad(ref, (q, k, v), g.double()))]:
+        assert (a.double() - b).norm() / b.norm() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch_varlen", "triton", "cudnn"])
+def test_cuda_backends_cross_attention(backend):
+    """Queries and keys of different lengths per sequence (the sparse cross-attention layout)."""
+    from trellis.modules.attention.backend import backend_unavailable_reason
+
+    dev = torch.device("cuda")
+    reason = backend_unavailable_reason(backend, dev, torch.bfloat16, varlen=True)
+    if reason is not None:
+        pytest.skip(reason)
+    torch.manual_seed(9)
+    lens_q, lens_kv = [1500, 33, 4100], [77, 1374, 200]
+    H, d = 8, 64
+    q = torch.randn(sum(lens_q), H, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(sum(lens_kv), H, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    plan = VarlenPlan(_cu(lens_q).to(dev), _cu(lens_kv).to(dev))
+    out = attention_with_plan(q, k, v, plan, backend=backend)
+    ref = naive_varlen_attention(q.double(), k.double(), v.double(), plan.cu_q, plan.cu_kv)
     g = torch.randn_like(out)
     for a, b in [(out, ref), *zip(torch.autograd.grad(out, (q, k, v), g),
                                   torch.autograd.grad(ref, (q, k, v), g.double()))]:
