@@ -37,7 +37,7 @@ from trellis.modules.sparse.attention import full_plan, window_plan  # noqa: E40
 
 DEVICE = "cuda"  # "cpu" with --smoke
 SMOKE = False
-VARLEN_BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton", "cudnn")
+VARLEN_BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton")
 
 
 # ----------------------------------------------------------------------------- workloads

@@ -132,9 +132,6 @@ def test_backend_env_read_at_call_time(monkeypatch):
     monkeypatch.setenv("SPARSE_ATTN_BACKEND", "flash_attn")
     with pytest.raises(BackendError, match="CUDA"):
         select_backend(cpu, torch.float16, varlen=True, sparse=True)
-    monkeypatch.setenv("SPARSE_ATTN_BACKEND", "cudnn")
-    with pytest.raises(BackendError, match="'cudnn' needs CUDA"):
-        select_backend(cpu, torch.bfloat16, varlen=True, sparse=True)
     monkeypatch.setenv("SPARSE_ATTN_BACKEND", "sdpa")
     assert select_backend(cpu, torch.float32, varlen=True, sparse=True) == "torch"
     monkeypatch.setenv("ATTN_BACKEND", "xformers")
@@ -461,7 +458,7 @@ def test_triton_window_path_gpu(variant, dtype, tol):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["torch", "torch_varlen", "triton", "cudnn"])
+@pytest.mark.parametrize("backend", ["torch", "torch_varlen", "triton"])
 def test_cuda_backends_match_reference(backend):
     from trellis.modules.attention.backend import backend_unavailable_reason
 
@@ -486,7 +483,7 @@ def test_cuda_backends_match_reference(backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["torch_varlen", "triton", "cudnn"])
+@pytest.mark.parametrize("backend", ["torch_varlen", "triton"])
 def test_cuda_backends_cross_attention(backend):
     """Queries and keys of different lengths per sequence (the sparse cross-attention layout)."""
     from trellis.modules.attention.backend import backend_unavailable_reason

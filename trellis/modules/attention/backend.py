@@ -12,8 +12,6 @@ Values:
 - ``flash_attn``: the ``flash-attn`` package (CUDA, fp16/bf16).
 - ``xformers``: the ``xformers`` package (CUDA).
   Dense attention knows ``torch``, ``flash_attn`` and ``xformers``; the varlen-only names fall back to SDPA.
-- ``cudnn``: cuDNN's fused attention over packed (ragged) sequences through
-  ``torch.ops.aten._cudnn_attention_forward`` (CUDA, fp16/bf16, torch >= 2.8 with cuDNN >= 9); opt-in.
 - ``triton``: this framework's Triton flash-attention kernel for gathered variable-length sequences
   (``trellis.modules.attention.triton_varlen``; CUDA, needs ``triton``).
 - ``auto`` or unset: the fastest one available for the call (CPU: ``torch``).
@@ -32,11 +30,11 @@ from trellis.backends import BackendError, add_backend_choices, get_backend
 
 __all__ = ["BACKENDS", "requested_backend", "select_backend", "backend_unavailable_reason"]
 
-BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton", "cudnn")
+BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton")
 _ALIASES = {"sdpa": "torch", "naive": "torch"}
 # Registers this module's names with the framework-wide backend table (no CUDA query here).
 add_backend_choices("attn", "torch", "auto")
-add_backend_choices("sparse_attn", "torch", "torch_varlen", "triton", "cudnn")
+add_backend_choices("sparse_attn", "torch", "torch_varlen", "triton")
 
 
 def requested_backend(sparse: bool) -> str:
@@ -90,16 +88,6 @@ def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dty
     if name == "xformers":
         if not _has_module("xformers"):
             return "attention backend 'xformers' requested but the xformers package is not installed"
-        return None
-    if name == "cudnn":
-        if not varlen:
-            return "attention backend 'cudnn' only does variable-length attention"
-        if not hasattr(torch.ops.aten, "_cudnn_attention_forward"):
-            return f"attention backend 'cudnn' needs torch.ops.aten._cudnn_attention_forward (torch {torch.__version__})"
-        if not torch.backends.cudnn.is_available():
-            return "attention backend 'cudnn' needs cuDNN, which this torch build does not have"
-        if not half:
-            return f"attention backend 'cudnn' needs float16/bfloat16 inputs, got {dtype}"
         return None
     if name == "triton":
         if not varlen:

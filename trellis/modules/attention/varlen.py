@@ -249,13 +249,6 @@ def _attention_fused(q, k, v, plan: VarlenPlan, scale: float, backend: str) -> t
         else:  # older torch: default scale only; fold ours into q
             qg = qg * (scale * math.sqrt(q.shape[-1]))
             out = varlen_attn(qg, kg, vg, cu_q, cu_kv, plan.max_q, plan.max_kv)
-    elif backend == "cudnn":
-        # ragged [T, H, d] rows; differentiable through autograd's formula for this op
-        need_lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        out = torch.ops.aten._cudnn_attention_forward(
-            qg.contiguous(), kg.contiguous(), vg.contiguous(), None, cu_q, cu_kv, plan.max_q, plan.max_kv,
-            need_lse, 0.0, False, False, scale=scale,
-        )[0]
     elif backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
@@ -382,7 +375,7 @@ def dense_attention(
         )
     if backend is None:
         backend = select_backend(q.device, q.dtype, varlen=False, sparse=False)
-    if backend in ("torch", "torch_varlen", "triton", "cudnn"):
+    if backend in ("torch", "torch_varlen", "triton"):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
         return out.transpose(1, 2)  # [B, H, L, d] -> [B, L, H, d]
     if backend == "flash_attn":
