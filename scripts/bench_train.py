@@ -151,8 +151,38 @@ def slat_flops(args: dict, x: "SparseTensor") -> float:  # noqa: F821
 
 
 # --------------------------------------------------------------------------------------------- bench
+def find_syncs(trainer, fresh) -> list[str]:
+    """Runs one step with CUDA sync debugging on; returns the synchronising calls, most frequent first,
+    each with the innermost frames of this repository that led to it."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    seen: Counter = Counter()
+    old = warnings.showwarning
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if ROOT in f.filename and "bench_train" not in f.filename]
+        where = " <- ".join(f"{os.path.relpath(f.filename, ROOT)}:{f.lineno}" for f in frames[::-1][:3])
+        seen[f"{str(message)[:60]} @ {where or filename + ':' + str(lineno)}"] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.run_step(fresh())
+            trainer.drain_checks()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = old
+    return [f"{n}x {k}" for k, n in seen.most_common()]
+
+
 def bench(which: str, mode: str, steps: int, device: torch.device, compile_model: bool | dict,
-          profile_dir: str | None = None, pipe_block: int = 4, pipe_reps: int = 5) -> dict:
+          profile_dir: str | None = None, pipe_block: int = 4, pipe_reps: int = 5, find: bool = False,
+          batch_split: int | None = None) -> dict:
     with open(os.path.join(ROOT, "configs", "generation", CONFIGS[which] + ".json")) as f:
         cfg = json.load(f)
     spec = cfg["models"]["denoiser"]
@@ -164,6 +194,8 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
     targs = dict(cfg["trainer"]["args"])
     for k in ("image_cond_model", "elastic"):
         targs.pop(k, None)
+    if batch_split:
+        targs["batch_split"] = batch_split
     targs.update(fp16_mode=mode, i_log=0, i_sample=0, i_save=0, i_print=0, i_ddpcheck=0, num_workers=0,
                  compile=compile_model)
     name = "SparseFlowMatchingCFGTrainer" if sparse else "FlowMatchingCFGTrainer"
@@ -198,8 +230,18 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
         # Pipelined: blocks of steps between two events, no host sync inside a block, as in
         # Trainer.run (the step never waits for the GPU, so the host queues step n+1 while the GPU
         # still runs step n). Per-step time = block time / block length; median over the blocks.
-        piped, host = [], []
+        piped, host, wait = [], [], []
+        drain = trainer.drain_checks
+        waited = [0.0]
+
+        def timed_drain():  # host time spent waiting for the GPU (the previous step's loss check)
+            w0 = time.perf_counter()
+            drain()
+            waited[0] += time.perf_counter() - w0
+
+        trainer.drain_checks = timed_drain
         for r in range(pipe_reps):
+            waited[0] = 0.0
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             h0 = time.perf_counter()
@@ -207,10 +249,13 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
                 trainer.step = 3 + steps + r * pipe_block + j
                 trainer.run_step(fresh())
             host.append((time.perf_counter() - h0) / pipe_block)
+            wait.append(waited[0] / pipe_block)
             e.record()
             torch.cuda.synchronize()
             piped.append(s.elapsed_time(e) / 1e3 / pipe_block)
+        trainer.drain_checks = drain
         trainer.drain_checks()
+        syncs = find_syncs(trainer, fresh) if find else None
         if profile_dir:
             from torch.profiler import ProfilerActivity, profile
 
@@ -229,6 +274,8 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
     label = mode + {"none": "", "whole": "+compile", "regions": "+compile(fused regions)"}[route]
     if isinstance(compile_model, dict) and compile_model:
         label += json.dumps(compile_model, separators=(",", ":"))
+    if batch_split:
+        label += f"+batch_split={batch_split}"
     if os.environ.get("SPARSE_ATTN_BACKEND") and sparse:
         label += f"+SPARSE_ATTN_BACKEND={os.environ['SPARSE_ATTN_BACKEND']}"
     if route == "none" and sparse and os.environ.get("TRELLIS_FUSED", ""):
@@ -237,7 +284,11 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
             "spread_ms": (max(times) - min(times)) * 1e3, "step_ms_pipelined": tp * 1e3,
             "pipelined_spread_ms": (max(piped) - min(piped)) * 1e3 if piped else float("nan"),
             # host time to queue one step; close to the step time = the host, not the GPU, is the limit
-            "host_ms_pipelined": statistics.median(host) * 1e3 if host else float("nan"), "steps_per_s": 1 / t, "tokens_per_s": tokens / t,
+            "host_ms_pipelined": statistics.median(host) * 1e3 if host else float("nan"),
+            # of which waiting for the GPU in the step's own finite-loss check; the rest is host work
+            # (Python, launches) and waits at synchronising calls
+            "host_wait_ms_pipelined": statistics.median(wait) * 1e3 if wait else float("nan"),
+            "syncs": syncs, "steps_per_s": 1 / t, "tokens_per_s": tokens / t,
             "tokens": tokens, "peak_gib": peak, "tflop_step": flops / 1e12, "warm_s": warm_s,
             "compile_route": route, "trellis_fused_env": os.environ.get("TRELLIS_FUSED", "")}
 
@@ -254,6 +305,10 @@ def main() -> None:
                     help='torch.compile kwargs (JSON) for the --compile runs, e.g. \'{"mode": "max-autotune-no-cudagraphs"}\'')
     ap.add_argument("--pipe_block", type=int, default=4, help="steps per pipelined block (no host sync inside)")
     ap.add_argument("--pipe_reps", type=int, default=5, help="pipelined blocks (median); 0 skips the pipelined timing")
+    ap.add_argument("--batch_split", type=int, default=None,
+                    help="override the config's batch_split (micro-batches per step; the batch stays 8)")
+    ap.add_argument("--find_syncs", action="store_true",
+                    help="run one more step with torch.cuda.set_sync_debug_mode and list the synchronising calls")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile_dir", default=None, help="write a kernel table of one profiled step per run here")
     args = ap.parse_args()
@@ -264,12 +319,13 @@ def main() -> None:
     peak = bf16_peak_tflops(device)
     print(f"card: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
           f"bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
-    runs = [(w, m, False) for w in args.which.split(",") for m in args.modes.split(",")]
+    runs = [(w, m, False) for w in args.which.split(",") for m in args.modes.split(",") if m]
     ckw = json.loads(args.compile_kwargs) if args.compile_kwargs else True
     runs += [(p.split(":")[0], p.split(":")[1], ckw) for p in args.compile.split(",") if p]
     rows = []
     for which, mode, comp in runs:
-        r = bench(which, mode, args.steps, device, comp, args.profile_dir, args.pipe_block, args.pipe_reps)
+        r = bench(which, mode, args.steps, device, comp, args.profile_dir, args.pipe_block, args.pipe_reps,
+                  args.find_syncs, args.batch_split)
         r["mfu"] = r["tflop_step"] / (r["step_ms"] / 1e3) / peak
         r["mfu_pipelined"] = r["tflop_step"] / (r["step_ms_pipelined"] / 1e3) / peak
         rows.append(r)

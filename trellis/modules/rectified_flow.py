@@ -33,6 +33,7 @@ from typing import Any, Union
 import torch
 
 from trellis.modules.sparse import SparseTensor
+from trellis.utils.device import to_device_async
 
 __all__ = ["RectifiedFlow", "TimeSchedule", "t_bins", "per_sample_mse"]
 
@@ -98,10 +99,10 @@ def _per_item(t: float | torch.Tensor, x: Field) -> float | torch.Tensor:
     if isinstance(x, SparseTensor):
         if t.shape[0] != x.batch_size:
             raise ValueError(f"t has {t.shape[0]} entries but the SparseTensor has batch size {x.batch_size}")
-        return t.to(x.device, dtype)[x.batch_ids].reshape(-1, *([1] * (x.feats.dim() - 1)))  # [N, 1]
+        return to_device_async(t, x.device, dtype)[x.batch_ids].reshape(-1, *([1] * (x.feats.dim() - 1)))  # [N, 1]
     if t.shape[0] != x.shape[0]:
         raise ValueError(f"t has {t.shape[0]} entries but x has batch size {x.shape[0]}")
-    return t.to(x.device, dtype).reshape(-1, *([1] * (x.dim() - 1)))  # [B, 1, ..., 1]
+    return to_device_async(t, x.device, dtype).reshape(-1, *([1] * (x.dim() - 1)))  # [B, 1, ..., 1]
 
 
 def _feats(x: Field) -> torch.Tensor:
@@ -137,7 +138,7 @@ class RectifiedFlow:
                    device: torch.device | None = None) -> torch.Tensor:
         """The model's time input ``1000 t`` as a float32 ``[B]`` tensor (a float ``t`` is repeated)."""
         if isinstance(t, torch.Tensor) and t.dim() == 1:
-            return (t.to(device or t.device, torch.float32) * self.time_scale)
+            return to_device_async(t, device or t.device, torch.float32) * self.time_scale
         if batch_size is None:
             raise ValueError("model_time: give batch_size for a scalar t")
         return torch.full((batch_size,), float(t) * self.time_scale, dtype=torch.float32, device=device)
@@ -189,9 +190,12 @@ def t_bins(per_sample: torch.Tensor, t: torch.Tensor, prefix: str = "bin_", key:
     """
     t = t.detach().cpu().double()
     bins = torch.floor(t * num_bins).long()
+    counts = torch.bincount(bins.clamp(0, num_bins), minlength=num_bins + 1).tolist()  # host; t is a CPU tensor
+    # one scatter-add on the device; the bin ids go over without a host sync
+    sums = per_sample.detach().new_zeros(num_bins + 1).index_add_(
+        0, to_device_async(bins.clamp(0, num_bins), per_sample.device), per_sample.detach())
     out: dict[str, dict[str, Any]] = {}
-    for i in sorted(set(bins.tolist())):
-        if 0 <= i < num_bins:
-            idx = torch.nonzero(bins == i).flatten().to(per_sample.device)
-            out[f"{prefix}{i}"] = {key: per_sample.detach()[idx].mean()}
+    for i in range(num_bins):
+        if counts[i]:
+            out[f"{prefix}{i}"] = {key: sums[i] / counts[i]}
     return out

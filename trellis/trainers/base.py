@@ -298,7 +298,7 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
         """Moves tensors to the device; keys starting with ``_`` (bookkeeping) stay on the host."""
         nb = self.device.type == "cuda"
         if isinstance(batch, torch.Tensor) or hasattr(batch, "feats"):
-            return batch.to(self.device, non_blocking=nb) if isinstance(batch, torch.Tensor) else batch.to(self.device)
+            return batch.to(self.device, non_blocking=nb)
         if isinstance(batch, dict):
             return {k: v if k.startswith("_") else self.to_device(v) for k, v in batch.items()}
         if isinstance(batch, list):

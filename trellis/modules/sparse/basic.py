@@ -223,7 +223,7 @@ class SparseTensor:
         feats = self.feats.to(*args, **kwargs)
         if feats.device == self.coords.device:
             return self._with(feats, self.coords, self._cache)
-        return self._with(feats, self.coords.to(feats.device), None)
+        return self._with(feats, self.coords.to(feats.device, non_blocking=bool(kwargs.get("non_blocking"))), None)
 
     def type(self, dtype: torch.dtype) -> SparseTensor:
         return self.replace(self.feats.type(dtype))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from trellis.modules.sparse import SparseTensor
+from trellis.utils.device import to_device_async
 
 __all__ = ["keyed_seed", "keyed_generators", "keyed_randn_sparse", "RawCondition", "ImageCondition",
            "TextCondition", "CFGDropout"]
@@ -127,5 +128,5 @@ class CFGDropout:
     def apply(self, cond: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         if not bool(drop.any()):
             return cond
-        d = drop.to(cond.device).reshape(-1, *([1] * (cond.dim() - 1)))  # [B, 1, 1]
+        d = to_device_async(drop, cond.device).reshape(-1, *([1] * (cond.dim() - 1)))  # [B, 1, 1]
         return torch.where(d, null, cond)
