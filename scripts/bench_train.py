@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from bench_common import bf16_peak_tflops  # noqa: E402
 
 from trellis.datasets.structured_latent import SLat  # noqa: E402
+from trellis.modules.sparse import SparseTensor  # noqa: E402
 from trellis.registry import MODELS, TRAINERS  # noqa: E402
 from trellis.utils.dist import DistInfo  # noqa: E402
 
@@ -132,7 +133,7 @@ def ss_flops(args: dict, batch: int) -> float:
     return 3 * batch * per
 
 
-def slat_flops(args: dict, x: "SparseTensor") -> float:  # noqa: F821
+def slat_flops(args: dict, x: SparseTensor) -> float:
     """Forward x 3 for the L layout (one io stage): fine res-block, down res-block, DiT, up + fine blocks."""
     C, io = args["model_channels"], args["io_block_channels"][0]
     n_io = args["num_io_res_blocks"]
@@ -182,7 +183,7 @@ def find_syncs(trainer, fresh) -> list[str]:
 
 def bench(which: str, mode: str, steps: int, device: torch.device, compile_model: bool | dict,
           profile_dir: str | None = None, pipe_block: int = 4, pipe_reps: int = 5, find: bool = False,
-          batch_split: int | None = None) -> dict:
+          batch_split: int | None = None, fresh_coords: bool = False) -> dict:
     with open(os.path.join(ROOT, "configs", "generation", CONFIGS[which] + ".json")) as f:
         cfg = json.load(f)
     spec = cfg["models"]["denoiser"]
@@ -207,7 +208,14 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
         batch = trainer.to_device(trainer.check_failed(collate([dataset[i] for i in range(8)])))
 
         def fresh():
-            return [dict(mb) for mb in batch] if isinstance(batch, list) else dict(batch)
+            if not isinstance(batch, list):
+                return dict(batch)
+            out = [dict(mb) for mb in batch]
+            if fresh_coords:  # new SparseTensors, empty caches: kernel maps, windows, plans built again
+                for mb in out:
+                    x = mb["x_0"]
+                    mb["x_0"] = SparseTensor(x.feats, x.coords.clone(), shape=x.shape)
+            return out
 
         x_all = SLat.collate_fn([dataset[i] for i in range(8)])["x_0"] if sparse else None
         flops = slat_flops(spec["args"], x_all) if sparse else ss_flops(spec["args"], 8)
@@ -276,6 +284,8 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
         label += json.dumps(compile_model, separators=(",", ":"))
     if batch_split:
         label += f"+batch_split={batch_split}"
+    if fresh_coords and sparse:
+        label += "+fresh_coords"
     if os.environ.get("SPARSE_ATTN_BACKEND") and sparse:
         label += f"+SPARSE_ATTN_BACKEND={os.environ['SPARSE_ATTN_BACKEND']}"
     if route == "none" and sparse and os.environ.get("TRELLIS_FUSED", ""):
@@ -307,6 +317,9 @@ def main() -> None:
     ap.add_argument("--pipe_reps", type=int, default=5, help="pipelined blocks (median); 0 skips the pipelined timing")
     ap.add_argument("--batch_split", type=int, default=None,
                     help="override the config's batch_split (micro-batches per step; the batch stays 8)")
+    ap.add_argument("--fresh_coords", action="store_true",
+                    help="SLat: every step gets new SparseTensors (no cached kernel maps, windows or attention "
+                         "plans), as in training where every batch is new")
     ap.add_argument("--find_syncs", action="store_true",
                     help="run one more step with torch.cuda.set_sync_debug_mode and list the synchronising calls")
     ap.add_argument("--json", default=None, help="also write the rows here")
@@ -325,7 +338,7 @@ def main() -> None:
     rows = []
     for which, mode, comp in runs:
         r = bench(which, mode, args.steps, device, comp, args.profile_dir, args.pipe_block, args.pipe_reps,
-                  args.find_syncs, args.batch_split)
+                  args.find_syncs, args.batch_split, args.fresh_coords)
         r["mfu"] = r["tflop_step"] / (r["step_ms"] / 1e3) / peak
         r["mfu_pipelined"] = r["tflop_step"] / (r["step_ms_pipelined"] / 1e3) / peak
         rows.append(r)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from trellis.modules.sparse.basic import SparseTensor
+from trellis.utils.device import to_device_async
 
 __all__ = ["SparseDownsample", "SparseUpsample", "SparseSubdivide", "coords_key", "COORD_BITS"]
 
@@ -62,10 +63,10 @@ class SparseDownsample(nn.Module):
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         x = _check(input, "SparseDownsample")
-        f = torch.tensor(self.factor, dtype=torch.int32, device=x.device)
         key_name = f"downsample_{self.factor}"
         down = x.get_spatial_cache(key_name)
         if down is None:
+            f = to_device_async(torch.tensor(self.factor, dtype=torch.int32), x.device)  # no host sync
             coarse = x.coords.clone()
             coarse[:, 1:] = torch.div(coarse[:, 1:], f, rounding_mode="floor")
             uniq, inverse = torch.unique(coords_key(coarse), sorted=True, return_inverse=True)  # [M], [N]
