@@ -324,14 +324,19 @@ def case_cross(args) -> list[dict]:
     flops = B * 4.0 * Lq * Lc * C
     print(f"[cross_4k_x_1374] fwd GFLOP={flops / 1e9:.2f}")
     rows = []
-    for backend in _backends(dtype, args):  # Triton: default variant only (no window-sized sequences)
-        try:
-            t_f, t_fb = time_varlen(q, k, v, [q, kv], plan, backend, args)
-        except (RuntimeError, ValueError) as e:
-            print(f"  {backend} failed: {type(e).__name__}: {str(e)[:300]}")
-            continue
-        rows.append(_row("cross_4k_x_1374", backend, flops, t_f, t_fb))
-        print(_fmt(rows[-1]))
+    for backend in _backends(dtype, args):  # Triton: default variant (no window-sized sequences), each config
+        for cfg in _triton_configs(args) if backend == "triton" else [None]:
+            note = _set_triton(_default_variant(), cfg) if backend == "triton" else ""
+            try:
+                t_f, t_fb = time_varlen(q, k, v, [q, kv], plan, backend, args)
+            except (RuntimeError, ValueError) as e:
+                print(f"  {backend} {note} failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            finally:
+                if backend == "triton":
+                    _set_triton(_default_variant(), None)
+            rows.append(_row("cross_4k_x_1374", backend, flops, t_f, t_fb, note))
+            print(_fmt(rows[-1]))
     t_f, t_fb = time_dense(B, Lq, H, d, dtype, args, Lkv=Lc)
     rows.append(_row("cross_4k_x_1374", "dense_sdpa", flops, t_f, t_fb))
     print(_fmt(rows[-1]))
