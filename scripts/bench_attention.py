@@ -197,6 +197,7 @@ def _set_triton(variant: str, cfg: tuple | None) -> str:
         return ""
     tv.BLOCK_CONFIG.update({"fwd": cfg[0:3], "bwd_kv": cfg[3:6], "bwd_q": cfg[6:9],
                             "bwd_fused": cfg[9:12] if len(cfg) == 12 else (64, 64, 4)})
+    tv.BLOCK_CONFIG_16BIT_D64.update({"fwd": cfg[0:3], "bwd_kv": cfg[3:6], "bwd_q": cfg[6:9]})
     return "cfg=" + ",".join(map(str, cfg))
 
 

@@ -380,6 +380,24 @@ def test_triton_variants_are_valid():
     assert tv.DEFAULT_VARIANT == "old" and not tv.WINDOW_CONFIG["buckets"]
 
 
+def test_triton_long_path_blocks_by_dtype_and_head_dim():
+    """16-bit inputs with head dim <= 64 get the tuned larger tiles; float32 and wider heads the base ones;
+    ``use_variant`` restores the tuned values after a benchmark override."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed")
+    from trellis.modules.attention import triton_varlen as tv
+
+    for kind in ("fwd", "bwd_kv", "bwd_q"):
+        assert tv._long_blocks(kind, torch.empty(1, 2, 64, dtype=torch.bfloat16)) == tv.BLOCK_CONFIG_16BIT_D64[kind]
+        assert tv._long_blocks(kind, torch.empty(1, 2, 64, dtype=torch.float16)) == tv.BLOCK_CONFIG_16BIT_D64[kind]
+        assert tv._long_blocks(kind, torch.empty(1, 2, 64)) == tv.BLOCK_CONFIG[kind]
+        assert tv._long_blocks(kind, torch.empty(1, 2, 80, dtype=torch.bfloat16)) == tv.BLOCK_CONFIG[kind]
+    tuned = dict(tv.BLOCK_CONFIG_16BIT_D64)
+    tv.BLOCK_CONFIG_16BIT_D64["fwd"] = (16, 16, 1)
+    tv.use_variant(tv.DEFAULT_VARIANT)
+    assert tv.BLOCK_CONFIG_16BIT_D64 == tuned
+
+
 def test_triton_routing_by_length():
     """Sequences go to the smallest window bucket that holds max(queries, keys), longest first; the
     rest to the fused or two-kernel long path; the long path's delta covers only its own rows."""

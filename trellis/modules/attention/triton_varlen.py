@@ -52,13 +52,27 @@ import triton.language as tl
 
 from trellis.modules.attention.varlen import VarlenPlan
 
-__all__ = ["triton_varlen_attention", "triton_packed_attention", "BLOCK_CONFIG", "WINDOW_CONFIG", "WindowBucket",
+__all__ = ["triton_varlen_attention", "triton_packed_attention", "BLOCK_CONFIG", "BLOCK_CONFIG_16BIT_D64",
+           "WINDOW_CONFIG", "WindowBucket",
            "VARIANTS", "DEFAULT_VARIANT", "use_variant"]
 
 # Long path: (BLOCK_M, BLOCK_N, num_warps) for the forward and the two backward kernels.
 # "bwd_fused": (BLOCK, BLOCK, num_warps): sequences with at most BLOCK queries and keys that the window
 # path does not take get the one-program-per-(sequence, head) backward; BLOCK 0 disables it.
 BLOCK_CONFIG = {"fwd": (64, 64, 4), "bwd_kv": (64, 64, 4), "bwd_q": (64, 64, 4), "bwd_fused": (64, 64, 4)}
+# The long path's blocks for 16-bit inputs with head dim <= 64 (the flow and VAE transformers): larger
+# tiles, from a sweep on an H200 (docs/PERFORMANCE_attention.md, 2026-11-26: full attention over 2k-8k
+# tokens and cross-attention, forward -6%, backward of dK/dV -5%). Float32 and wider heads keep
+# BLOCK_CONFIG (larger tiles there would exceed shared memory or spill).
+BLOCK_CONFIG_16BIT_D64 = {"fwd": (128, 64, 4), "bwd_kv": (128, 128, 8), "bwd_q": (128, 64, 4)}
+_TUNED_16BIT_D64 = dict(BLOCK_CONFIG_16BIT_D64)
+
+
+def _long_blocks(kind: str, q: torch.Tensor) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of a long-path kernel for inputs like ``q``."""
+    if q.element_size() == 2 and q.shape[-1] <= 64 and kind in BLOCK_CONFIG_16BIT_D64:
+        return BLOCK_CONFIG_16BIT_D64[kind]
+    return BLOCK_CONFIG[kind]
 
 
 class WindowBucket(NamedTuple):
@@ -124,7 +138,8 @@ DEFAULT_VARIANT = "old"
 
 
 def use_variant(name: str) -> None:
-    """Set ``WINDOW_CONFIG`` and ``BLOCK_CONFIG`` to the named entry of ``VARIANTS`` (in place)."""
+    """Set ``WINDOW_CONFIG`` and ``BLOCK_CONFIG`` to the named entry of ``VARIANTS`` (in place), and
+    ``BLOCK_CONFIG_16BIT_D64`` back to its tuned values."""
     if name not in VARIANTS:
         raise ValueError(f"unknown triton attention variant {name!r}; known: {list(VARIANTS)}")
     v = copy.deepcopy(VARIANTS[name])
@@ -132,6 +147,8 @@ def use_variant(name: str) -> None:
     WINDOW_CONFIG.update(v["window"])
     BLOCK_CONFIG.clear()
     BLOCK_CONFIG.update(v["blocks"])
+    BLOCK_CONFIG_16BIT_D64.clear()
+    BLOCK_CONFIG_16BIT_D64.update(_TUNED_16BIT_D64)
 
 
 _LOG2E = 1.4426950408889634
@@ -663,7 +680,7 @@ def _forward(q, k, v, plan: VarlenPlan, scale: float) -> tuple[torch.Tensor, tor
                 H, hpp, scale * _LOG2E, d, EVEN_D=meta["BLOCK_D"] == d, BLOCK_M=b.fwd_m, BLOCK_N=b.block,
                 STAGES=_stages_for(b, q), num_warps=b.fwd_warps, **common,
             )
-    bm, bn, warps = BLOCK_CONFIG["fwd"]
+    bm, bn, warps = _long_blocks("fwd", q)
     seq, start = rt.table("fwd", bm)
     if seq.numel() > 0:
         _fwd_kernel[(seq.numel(), H)](
@@ -714,7 +731,7 @@ def _backward(q, k, v, o, lse, do, plan: VarlenPlan, scale: float, dq, dk, dv) -
             o, do, delta, rows if rows is not None else cu_q, n_flat, H, *_strides(o, do), d,
             GATHER=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d,
         )
-    bm, bn, warps = BLOCK_CONFIG["bwd_kv"]
+    bm, bn, warps = _long_blocks("bwd_kv", q)
     seq, start = rt.table("kv", bn)
     if seq.numel() > 0:
         _bwd_kv_kernel[(seq.numel(), H)](
@@ -722,7 +739,7 @@ def _backward(q, k, v, o, lse, do, plan: VarlenPlan, scale: float, dq, dk, dv) -
             *_strides(q, k, v, do, dk, dv),
             H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
         )
-    bm, bn, warps = BLOCK_CONFIG["bwd_q"]
+    bm, bn, warps = _long_blocks("bwd_q", q)
     seq, start = rt.table("q", bm)
     if seq.numel() > 0:
         _bwd_q_kernel[(seq.numel(), H)](
