@@ -306,7 +306,7 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--which", default="ss,slat")
-    ap.add_argument("--modes", default="inflat_all,bf16")
+    ap.add_argument("--modes", default="inflat_all,bf16", help="plain (uncompiled) runs; 'none' for only the --compile runs")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--compile", default="",
                     help="comma list of which:mode pairs to also run with the trainer's compile=True, e.g. "
@@ -332,7 +332,7 @@ def main() -> None:
     peak = bf16_peak_tflops(device)
     print(f"card: {torch.cuda.get_device_name(device)}; torch {torch.__version__}; "
           f"bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
-    runs = [(w, m, False) for w in args.which.split(",") for m in args.modes.split(",") if m]
+    runs = [(w, m, False) for w in args.which.split(",") for m in args.modes.split(",") if m and m != "none"]
     ckw = json.loads(args.compile_kwargs) if args.compile_kwargs else True
     runs += [(p.split(":")[0], p.split(":")[1], ckw) for p in args.compile.split(",") if p]
     rows = []

@@ -35,13 +35,14 @@ declare -A CMD=(
     [ss_vae]="$PY scripts/bench_ss_vae.py"
     [sparse]="$PY scripts/bench_sparse.py"
     [attention]="$PY scripts/bench_attention.py"
-    [train]="$PY scripts/bench_train.py"
+    [train]="$PY scripts/bench_train.py --modes inflat_all,bf16 --compile ss:bf16,slat:inflat_all"
+    [train_split1]="$PY scripts/bench_train.py --which slat --modes none --compile slat:inflat_all --batch_split 1"
     [toolkit]="$PY scripts/bench_toolkit.py --device cuda --limit 5 --stages render,voxelize,extract_feature"
 )
 # rough durations on one H200 (s), longest first: used to balance the lanes
-declare -A EST=([tests_rest]=390 [tests_flow]=300 [train]=240 [attention]=180 [toolkit]=120 [sparse]=100 [ss_vae]=60)
+declare -A EST=([tests_rest]=390 [tests_flow]=300 [train]=420 [train_split1]=120 [attention]=180 [toolkit]=120 [sparse]=100 [ss_vae]=60)
 steps=()
-for s in tests_rest tests_flow train attention toolkit sparse ss_vae; do
+for s in tests_rest tests_flow train attention toolkit train_split1 sparse ss_vae; do
     wanted "${s%%_*}" || wanted "$s" && steps+=("$s")
 done
 

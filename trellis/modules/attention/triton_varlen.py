@@ -62,7 +62,7 @@ __all__ = ["triton_varlen_attention", "triton_packed_attention", "BLOCK_CONFIG",
 BLOCK_CONFIG = {"fwd": (64, 64, 4), "bwd_kv": (64, 64, 4), "bwd_q": (64, 64, 4), "bwd_fused": (64, 64, 4)}
 # The long path's blocks for 16-bit inputs with head dim <= 64 (the flow and VAE transformers): larger
 # tiles, from a sweep on an H200 (docs/PERFORMANCE_attention.md, 2026-11-26: full attention over 2k-8k
-# tokens and cross-attention, forward -6%, backward of dK/dV -5%). Float32 and wider heads keep
+# tokens and cross-attention: forward -7%, fwd+bwd -5% from the dK/dV tiles). Float32 and wider heads keep
 # BLOCK_CONFIG (larger tiles there would exceed shared memory or spill).
 BLOCK_CONFIG_16BIT_D64 = {"fwd": (128, 64, 4), "bwd_kv": (128, 128, 8), "bwd_q": (128, 64, 4)}
 _TUNED_16BIT_D64 = dict(BLOCK_CONFIG_16BIT_D64)
