@@ -474,16 +474,29 @@ def test_triton_window_path_gpu(variant, dtype, tol):
         tv.BLOCK_CONFIG.update(saved[1])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["torch", "torch_varlen", "triton"])
-def test_cuda_backends_match_reference(backend):
+def _cuda_backend(backend: str) -> torch.device:
+    """The CUDA device, or a skip when ``backend`` cannot run bf16 varlen attention here."""
     from trellis.modules.attention.backend import backend_unavailable_reason
 
     dev = torch.device("cuda")
     reason = backend_unavailable_reason(backend, dev, torch.bfloat16, varlen=True)
     if reason is not None:
         pytest.skip(reason)
+    return dev
+
+
+def _assert_output_and_grads_close(out, ref, inputs, tol=2e-2):
+    """Relative error of the output and of each input's gradient (same random output gradient)."""
+    g = torch.randn_like(out)
+    for a, b in [(out, ref), *zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g.double()))]:
+        assert (a.double() - b).norm() / b.norm() < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "torch_varlen", "triton"])
+def test_cuda_backends_match_reference(backend):
+    dev = _cuda_backend(backend)
     torch.manual_seed(8)
     lens = [100, 7, 300, 64, 2000]
     cu = _cu(lens).to(dev)
@@ -493,10 +506,7 @@ def test_cuda_backends_match_reference(backend):
     plan = VarlenPlan(cu, index_q=perm)
     out = attention_with_plan(q, k, v, plan, backend=backend)
     ref = attention_with_plan(q.double(), k.double(), v.double(), plan, backend="torch")
-    g = torch.randn_like(out)
-    for a, b in [(out, ref), *zip(torch.autograd.grad(out, (q, k, v), g),
-                                  torch.autograd.grad(ref, (q, k, v), g.double()))]:
-        assert (a.double() - b).norm() / b.norm() < 2e-2
+    _assert_output_and_grads_close(out, ref, (q, k, v))
 
 
 @pytest.mark.gpu
@@ -504,12 +514,7 @@ def test_cuda_backends_match_reference(backend):
 @pytest.mark.parametrize("backend", ["torch_varlen", "triton"])
 def test_cuda_backends_cross_attention(backend):
     """Queries and keys of different lengths per sequence (the sparse cross-attention layout)."""
-    from trellis.modules.attention.backend import backend_unavailable_reason
-
-    dev = torch.device("cuda")
-    reason = backend_unavailable_reason(backend, dev, torch.bfloat16, varlen=True)
-    if reason is not None:
-        pytest.skip(reason)
+    dev = _cuda_backend(backend)
     torch.manual_seed(9)
     lens_q, lens_kv = [1500, 33, 4100], [77, 1374, 200]
     H, d = 8, 64
@@ -518,7 +523,4 @@ def test_cuda_backends_cross_attention(backend):
     plan = VarlenPlan(_cu(lens_q).to(dev), _cu(lens_kv).to(dev))
     out = attention_with_plan(q, k, v, plan, backend=backend)
     ref = naive_varlen_attention(q.double(), k.double(), v.double(), plan.cu_q, plan.cu_kv)
-    g = torch.randn_like(out)
-    for a, b in [(out, ref), *zip(torch.autograd.grad(out, (q, k, v), g),
-                                  torch.autograd.grad(ref, (q, k, v), g.double()))]:
-        assert (a.double() - b).norm() / b.norm() < 2e-2
+    _assert_output_and_grads_close(out, ref, (q, k, v))

@@ -203,8 +203,8 @@ def _register(store: Any, info: DistInfo, where: str) -> None:
     if store.add(f"trellis/join/{info.rank}", 1) > 1:
         store.set("trellis/abort", f"two processes claimed rank {info.rank} (second one on {socket.gethostname()}); "
                                    "check --node_rank and --num_gpus on every node")
-    store.set(f"trellis/who/{info.rank}", me)
     if info.rank == 0:
+        store.set(f"trellis/who/{info.rank}", me)
         store.set("trellis/world", str(info.world_size))
         keys = [f"trellis/who/{r}" for r in range(info.world_size)]
         deadline = time.monotonic() + seconds
@@ -239,6 +239,9 @@ def _register(store: Any, info: DistInfo, where: str) -> None:
                f"processes but the master expects {master_world}; give every node the same --num_nodes and --num_gpus")
         store.set("trellis/abort", msg)
         raise DistributedError(msg)
+    # Registered only after the check: a mismatch is found here, before rank 0 could see it, stop and
+    # take the store (and this rank's chance to say what is wrong) down with it.
+    store.set(f"trellis/who/{info.rank}", me)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if store.check(["trellis/abort"]):
