@@ -98,9 +98,12 @@ def main() -> None:
                 report(f"window {which} {b.block} chunk {m} stages {b.stages} heads/prog {hpp}", fn, args.dtype,
                        dict(common, EVEN_D=True, BLOCK_M=m, BLOCK_N=b.block, STAGES=b.stages), warps, hpp)
     blocks = tv.BLOCK_CONFIG
-    for which, fn, (bm, bn, warps) in (("fwd", tv._fwd_kernel, blocks["fwd"]), ("bwd_kv", tv._bwd_kv_kernel,
-                                       blocks["bwd_kv"]), ("bwd_q", tv._bwd_q_kernel, blocks["bwd_q"])):
-        report(f"long {which} {bm}x{bn}", fn, args.dtype, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps)
+    kernels = {"fwd": tv._fwd_kernel, "bwd_kv": tv._bwd_kv_kernel, "bwd_q": tv._bwd_q_kernel}
+    # the base tiles (float32, head dim > 64) and the tuned ones for 16-bit inputs with head dim <= 64
+    for label, table in (("", blocks), (" (16-bit, d<=64)", tv.BLOCK_CONFIG_16BIT_D64)):
+        for which, fn in kernels.items():
+            bm, bn, warps = table[which]
+            report(f"long {which} {bm}x{bn}{label}", fn, args.dtype, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps)
     f = blocks["bwd_fused"]
     if f[0] > 0:
         report(f"long bwd_fused {f[0]}", tv._bwd_fused_kernel, args.dtype, dict(common, BLOCK=f[0]), f[2])

@@ -164,6 +164,31 @@ def _rows(IDX, pos, mask, GATHER: tl.constexpr):
 
 
 @triton.jit
+def _bounds(CUQ, CUK, seq):
+    """(first query row, queries, first key row, keys) of sequence ``seq``."""
+    q_lo = tl.load(CUQ + seq)
+    k_lo = tl.load(CUK + seq)
+    return q_lo, tl.load(CUQ + seq + 1) - q_lo, k_lo, tl.load(CUK + seq + 1) - k_lo
+
+
+@triton.jit
+def _tile(PTR, rows, h, s_r, s_h, offs_d, mask):
+    """``[R, BLOCK_D]`` tile of head ``h`` at row indices ``rows`` (zeros where masked)."""
+    return tl.load(PTR + rows[:, None] * s_r + h * s_h + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(PTR, rows, h, s_r, s_h, offs_d, x, mask):
+    tl.store(PTR + rows[:, None] * s_r + h * s_h + offs_d[None, :], x.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_stat(PTR, rows, h, n_heads, mask):
+    """Per-(row, head) float32 statistic (LSE, delta) laid out ``[T, H]``."""
+    return tl.load(PTR + rows * n_heads + h, mask=mask, other=0.0)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -184,17 +209,13 @@ def _fwd_kernel(
     h = tl.program_id(1).to(tl.int64)
     seq = tl.load(BLK_SEQ + pid)
     m0 = tl.load(BLK_START + pid)
-    q_lo = tl.load(CUQ + seq)
-    n_q = tl.load(CUQ + seq + 1) - q_lo
-    k_lo = tl.load(CUK + seq)
-    n_kv = tl.load(CUK + seq + 1) - k_lo
+    q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_q
     rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    q = tl.load(Q + rows_q[:, None] * sq_r + h * sq_h + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, mask_m[:, None] & mask_d[None, :])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -203,8 +224,8 @@ def _fwd_kernel(
         mask_n = offs_n < n_kv
         rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
+        v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN], log2 units
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -214,8 +235,7 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(OUT + rows_q[:, None] * so_r + h * so_h + offs_d[None, :], acc.to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    _store_tile(OUT, rows_q, h, so_r, so_h, offs_d, acc, mask_m[:, None] & mask_d[None, :])
     tl.store(LSE + rows_q * n_heads + h, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -231,18 +251,15 @@ def _bwd_kv_kernel(
     h = tl.program_id(1).to(tl.int64)
     seq = tl.load(BLK_SEQ + pid)
     n0 = tl.load(BLK_START + pid)
-    q_lo = tl.load(CUQ + seq)
-    n_q = tl.load(CUQ + seq + 1) - q_lo
-    k_lo = tl.load(CUK + seq)
-    n_kv = tl.load(CUK + seq + 1) - k_lo
+    q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_kv
     rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
+    v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, n_q, BLOCK_M):
@@ -250,10 +267,10 @@ def _bwd_kv_kernel(
         mask_m = offs_m < n_q
         rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + rows_q[:, None] * sq_r + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + rows_q[:, None] * sdo_r + h * sdo_h + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(LSE + rows_q * n_heads + h, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + rows_q * n_heads + h, mask=mask_m, other=0.0)
+        q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, q_mask)
+        do = _tile(DO, rows_q, h, sdo_r, sdo_h, offs_d, q_mask)
+        lse = _row_stat(LSE, rows_q, h, n_heads, mask_m)
+        delta = _row_stat(DELTA, rows_q, h, n_heads, mask_m)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN]
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
@@ -262,8 +279,8 @@ def _bwd_kv_kernel(
         ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     dk = dk * sm_scale
-    tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DK, rows_k, h, sdk_r, sdk_h, offs_d, dk, kv_mask)
+    _store_tile(DV, rows_k, h, sdv_r, sdv_h, offs_d, dv, kv_mask)
 
 
 @triton.jit
@@ -278,28 +295,25 @@ def _bwd_q_kernel(
     h = tl.program_id(1).to(tl.int64)
     seq = tl.load(BLK_SEQ + pid)
     m0 = tl.load(BLK_START + pid)
-    q_lo = tl.load(CUQ + seq)
-    n_q = tl.load(CUQ + seq + 1) - q_lo
-    k_lo = tl.load(CUK + seq)
-    n_kv = tl.load(CUK + seq + 1) - k_lo
+    q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_q
     rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + rows_q[:, None] * sq_r + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + rows_q[:, None] * sdo_r + h * sdo_h + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + rows_q * n_heads + h, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + rows_q * n_heads + h, mask=mask_m, other=0.0)
+    q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, q_mask)
+    do = _tile(DO, rows_q, h, sdo_r, sdo_h, offs_d, q_mask)
+    lse = _row_stat(LSE, rows_q, h, n_heads, mask_m)
+    delta = _row_stat(DELTA, rows_q, h, n_heads, mask_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, n_kv, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_kv
         rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
+        v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         p = tl.exp2(s - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
@@ -307,7 +321,7 @@ def _bwd_q_kernel(
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
     dq = dq * sm_scale
-    tl.store(DQ + rows_q[:, None] * sdq_r + h * sdq_h + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    _store_tile(DQ, rows_q, h, sdq_r, sdq_h, offs_d, dq, q_mask)
 
 
 @triton.jit
@@ -321,10 +335,7 @@ def _bwd_fused_kernel(
     """Whole backward of one short sequence (<= BLOCK queries and keys) and one head in one program."""
     seq = tl.load(SEQS + tl.program_id(0))
     h = tl.program_id(1).to(tl.int64)
-    q_lo = tl.load(CUQ + seq)
-    n_q = tl.load(CUQ + seq + 1) - q_lo
-    k_lo = tl.load(CUK + seq)
-    n_kv = tl.load(CUK + seq + 1) - k_lo
+    q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
     offs = tl.arange(0, BLOCK)
     mask_m = offs < n_q
     mask_n = offs < n_kv
@@ -334,12 +345,12 @@ def _bwd_fused_kernel(
     mask_d = offs_d < D
     q_mask = mask_m[:, None] & mask_d[None, :]
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    q = tl.load(Q + rows_q[:, None] * sq_r + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + rows_q[:, None] * sdo_r + h * sdo_h + offs_d[None, :], mask=q_mask, other=0.0)
-    o = tl.load(OUT + rows_q[:, None] * so_r + h * so_h + offs_d[None, :], mask=q_mask, other=0.0)
-    k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
-    lse = tl.load(LSE + rows_q * n_heads + h, mask=mask_m, other=0.0)
+    q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, q_mask)
+    do = _tile(DO, rows_q, h, sdo_r, sdo_h, offs_d, q_mask)
+    o = _tile(OUT, rows_q, h, so_r, so_h, offs_d, q_mask)
+    k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
+    v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
+    lse = _row_stat(LSE, rows_q, h, n_heads, mask_m)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     p = tl.exp2(s - lse[:, None])
@@ -349,9 +360,9 @@ def _bwd_fused_kernel(
     ds = p * (dp - delta[:, None])
     dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * sm_scale
     dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
-    tl.store(DQ + rows_q[:, None] * sdq_r + h * sdq_h + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
-    tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DQ, rows_q, h, sdq_r, sdq_h, offs_d, dq, q_mask)
+    _store_tile(DK, rows_k, h, sdk_r, sdk_h, offs_d, dk, kv_mask)
+    _store_tile(DV, rows_k, h, sdv_r, sdv_h, offs_d, dv, kv_mask)
 
 
 # ----------------------------------------------------------------------------- window path
@@ -371,14 +382,14 @@ def _win_fwd_tile(
 ):
     """Forward of one query chunk and one head against all keys of the sequence (one-pass softmax)."""
     q_mask = _mask_rows(mask_m, offs_d, D, EVEN_D)
-    q = tl.load(Q + rows_q[:, None] * sq_r + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, q_mask)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN], log2 units
     s = tl.where(mask_n[None, :], s, float("-inf"))
     m = tl.max(s, 1)
     p = tl.exp2(s - m[:, None])
     den = tl.sum(p, 1)
     o = _dot(p.to(v.dtype), v, IEEE) / den[:, None]
-    tl.store(OUT + rows_q[:, None] * so_r + h * so_h + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=q_mask)
+    _store_tile(OUT, rows_q, h, so_r, so_h, offs_d, o, q_mask)
     tl.store(LSE + rows_q * n_heads + h, m + tl.log2(den), mask=mask_m)
 
 
@@ -398,10 +409,7 @@ def _win_fwd_kernel(
     seq = tl.load(SEQS + tl.program_id(0))
     h_lo = tl.program_id(1) * heads_per_prog
     h_hi = tl.minimum(h_lo + heads_per_prog, n_heads)
-    q_lo = tl.load(CUQ + seq)
-    n_q = tl.load(CUQ + seq + 1) - q_lo
-    k_lo = tl.load(CUK + seq)
-    n_kv = tl.load(CUK + seq + 1) - k_lo
+    q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_kv
@@ -412,14 +420,14 @@ def _win_fwd_kernel(
         mask_m = offs_m < n_q
         rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
         for h in tl.range(h_lo, h_hi, num_stages=STAGES):
-            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
+            v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
             _win_fwd_tile(Q, OUT, LSE, rows_q, mask_m, h, k, v, mask_n, offs_d, D, sq_r, sq_h, so_r, so_h,
                           n_heads, qk_scale, IEEE, EVEN_D)
     else:  # keys loaded once per head, queries in chunks; the chunk loop is pipelined
         for h in tl.range(h_lo, h_hi, num_stages=1):
-            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
+            v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
             for m0 in tl.range(0, n_q, BLOCK_M, num_stages=STAGES):
                 mask_m = m0 + offs_m < n_q
                 rows_q = _rows(IDXQ, q_lo + m0 + offs_m, mask_m, GATHER_Q)
@@ -436,12 +444,12 @@ def _win_bwd_tile(
     """Backward of one query chunk and one head: stores dQ, returns its (dK / scale, dV) contributions."""
     q_mask = _mask_rows(mask_m, offs_d, D, EVEN_D)
     # dP - delta first, so dO and O leave registers before the score tile is live (no spills at 128x128)
-    do = tl.load(DO + rows_q[:, None] * sdo_r + h * sdo_h + offs_d[None, :], mask=q_mask, other=0.0)
-    o = tl.load(OUT + rows_q[:, None] * so_r + h * so_h + offs_d[None, :], mask=q_mask, other=0.0)
+    do = _tile(DO, rows_q, h, sdo_r, sdo_h, offs_d, q_mask)
+    o = _tile(OUT, rows_q, h, so_r, so_h, offs_d, q_mask)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
     dp = _dot(do, tl.trans(v), IEEE) - delta[:, None]
-    q = tl.load(Q + rows_q[:, None] * sq_r + h * sq_h + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + rows_q * n_heads + h, mask=mask_m, other=0.0)
+    q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, q_mask)
+    lse = _row_stat(LSE, rows_q, h, n_heads, mask_m)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     # Padded query rows have q = dO = O = 0 and lse 0: p = 1 there but dV, dP and so dS get nothing
     # from them. Padded keys (k = 0, s = 0) must be masked: exp2(-lse) may overflow.
@@ -449,7 +457,7 @@ def _win_bwd_tile(
     dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
     ds = (p * dp).to(q.dtype)
     dq = _dot(ds, k, IEEE) * sm_scale
-    tl.store(DQ + rows_q[:, None] * sdq_r + h * sdq_h + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    _store_tile(DQ, rows_q, h, sdq_r, sdq_h, offs_d, dq, q_mask)
     dk = _dot(tl.trans(ds), q, IEEE)
     return dk, dv
 
@@ -467,10 +475,7 @@ def _win_bwd_kernel(
     seq = tl.load(SEQS + tl.program_id(0))
     h_lo = tl.program_id(1) * heads_per_prog
     h_hi = tl.minimum(h_lo + heads_per_prog, n_heads)
-    q_lo = tl.load(CUQ + seq)
-    n_q = tl.load(CUQ + seq + 1) - q_lo
-    k_lo = tl.load(CUK + seq)
-    n_kv = tl.load(CUK + seq + 1) - k_lo
+    q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_kv
@@ -481,19 +486,17 @@ def _win_bwd_kernel(
         mask_m = offs_m < n_q
         rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
         for h in tl.range(h_lo, h_hi, num_stages=STAGES):
-            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
+            v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
             dk, dv = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
                                    sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale, sm_scale,
                                    IEEE, EVEN_D)
-            tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :],
-                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-            tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                     mask=kv_mask)
+            _store_tile(DK, rows_k, h, sdk_r, sdk_h, offs_d, (dk * sm_scale), kv_mask)
+            _store_tile(DV, rows_k, h, sdv_r, sdv_h, offs_d, dv, kv_mask)
     else:  # keys once per head, dK and dV accumulated over query chunks; the chunk loop is pipelined
         for h in tl.range(h_lo, h_hi, num_stages=1):
-            k = tl.load(K + rows_k[:, None] * sk_r + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + rows_k[:, None] * sv_r + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
+            v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             for m0 in tl.range(0, n_q, BLOCK_M, num_stages=STAGES):
@@ -504,10 +507,8 @@ def _win_bwd_kernel(
                                            sm_scale, IEEE, EVEN_D)
                 dk += dk_c
                 dv += dv_c
-            tl.store(DK + rows_k[:, None] * sdk_r + h * sdk_h + offs_d[None, :],
-                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-            tl.store(DV + rows_k[:, None] * sdv_r + h * sdv_h + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                     mask=kv_mask)
+            _store_tile(DK, rows_k, h, sdk_r, sdk_h, offs_d, (dk * sm_scale), kv_mask)
+            _store_tile(DV, rows_k, h, sdv_r, sdv_h, offs_d, dv, kv_mask)
 
 
 # ----------------------------------------------------------------------------- shared
