@@ -196,6 +196,28 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b)
 
 
+@triton.jit
+def _block(IDX, lo, start, n, BLOCK: tl.constexpr, GATHER: tl.constexpr):
+    """Rows ``start .. start + BLOCK`` of a sequence of ``n`` rows that begins at row ``lo``:
+    (mask, row indices)."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    return mask, _rows(IDX, lo + offs, mask, GATHER)
+
+
+@triton.jit
+def _probs(q, k, lse, mask_m, mask_n, qk_scale, IEEE: tl.constexpr):
+    """Backward tile ``[BM, BN]``: P recomputed from the log2-domain LSE, zero outside the masks."""
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    return tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _dscores(p, do, v, delta, IEEE: tl.constexpr):
+    """dS = P * (dO V^T - delta) (before the softmax scale)."""
+    return p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+
+
 # ----------------------------------------------------------------------------- long path
 @triton.jit
 def _fwd_kernel(
@@ -210,9 +232,7 @@ def _fwd_kernel(
     seq = tl.load(BLK_SEQ + pid)
     m0 = tl.load(BLK_START + pid)
     q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n_q
-    rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
+    mask_m, rows_q = _block(IDXQ, q_lo, m0, n_q, BLOCK_M, GATHER_Q)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, mask_m[:, None] & mask_d[None, :])
@@ -220,9 +240,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, n_kv, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_kv
-        rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
+        mask_n, rows_k = _block(IDXK, k_lo, n0, n_kv, BLOCK_N, GATHER_K)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
         v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
@@ -252,9 +270,7 @@ def _bwd_kv_kernel(
     seq = tl.load(BLK_SEQ + pid)
     n0 = tl.load(BLK_START + pid)
     q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_kv
-    rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
+    mask_n, rows_k = _block(IDXK, k_lo, n0, n_kv, BLOCK_N, GATHER_K)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     kv_mask = mask_n[:, None] & mask_d[None, :]
@@ -263,20 +279,15 @@ def _bwd_kv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, n_q, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < n_q
-        rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
+        mask_m, rows_q = _block(IDXQ, q_lo, m0, n_q, BLOCK_M, GATHER_Q)
         q_mask = mask_m[:, None] & mask_d[None, :]
         q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, q_mask)
         do = _tile(DO, rows_q, h, sdo_r, sdo_h, offs_d, q_mask)
         lse = _row_stat(LSE, rows_q, h, n_heads, mask_m)
         delta = _row_stat(DELTA, rows_q, h, n_heads, mask_m)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [BM, BN]
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
+        p = _probs(q, k, lse, mask_m, mask_n, qk_scale, IEEE)  # [BM, BN]
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)  # before dS: fewer live registers (no spill at 128x128)
+        ds = _dscores(p, do, v, delta, IEEE)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     dk = dk * sm_scale
     _store_tile(DK, rows_k, h, sdk_r, sdk_h, offs_d, dk, kv_mask)
@@ -296,9 +307,7 @@ def _bwd_q_kernel(
     seq = tl.load(BLK_SEQ + pid)
     m0 = tl.load(BLK_START + pid)
     q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < n_q
-    rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
+    mask_m, rows_q = _block(IDXQ, q_lo, m0, n_q, BLOCK_M, GATHER_Q)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     q_mask = mask_m[:, None] & mask_d[None, :]
@@ -308,17 +317,11 @@ def _bwd_q_kernel(
     delta = _row_stat(DELTA, rows_q, h, n_heads, mask_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, n_kv, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_kv
-        rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
+        mask_n, rows_k = _block(IDXK, k_lo, n0, n_kv, BLOCK_N, GATHER_K)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
         v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
+        ds = _dscores(_probs(q, k, lse, mask_m, mask_n, qk_scale, IEEE), do, v, delta, IEEE)
         dq += _dot(ds.to(k.dtype), k, IEEE)
     dq = dq * sm_scale
     _store_tile(DQ, rows_q, h, sdq_r, sdq_h, offs_d, dq, q_mask)
@@ -352,12 +355,9 @@ def _bwd_fused_kernel(
     v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
     lse = _row_stat(LSE, rows_q, h, n_heads, mask_m)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
-    s = _dot(q, tl.trans(k), IEEE) * qk_scale
-    p = tl.exp2(s - lse[:, None])
-    p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+    p = _probs(q, k, lse, mask_m, mask_n, qk_scale, IEEE)
     dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-    dp = _dot(do, tl.trans(v), IEEE)
-    ds = p * (dp - delta[:, None])
+    ds = _dscores(p, do, v, delta, IEEE)
     dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * sm_scale
     dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
     _store_tile(DQ, rows_q, h, sdq_r, sdq_h, offs_d, dq, q_mask)
@@ -373,6 +373,19 @@ def _mask_rows(mask_r, offs_d, D, EVEN_D: tl.constexpr):
         return mask_r[:, None]
     else:
         return mask_r[:, None] & (offs_d < D)[None, :]
+
+
+@triton.jit
+def _win_prologue(SEQS, CUQ, CUK, IDXK, heads_per_prog, n_heads, D, GATHER_K: tl.constexpr, EVEN_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's heads [h_lo, h_hi), its sequence's query range and its whole key tile (mask, rows,
+    load mask)."""
+    seq = tl.load(SEQS + tl.program_id(0))
+    h_lo = tl.program_id(1) * heads_per_prog
+    h_hi = tl.minimum(h_lo + heads_per_prog, n_heads)
+    q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
+    mask_n, rows_k = _block(IDXK, k_lo, 0, n_kv, BLOCK_N, GATHER_K)
+    return h_lo, h_hi, q_lo, n_q, mask_n, rows_k, _mask_rows(mask_n, tl.arange(0, BLOCK_D), D, EVEN_D)
 
 
 @triton.jit
@@ -406,15 +419,9 @@ def _win_fwd_kernel(
     Key row indices are loaded once, before the head loop; so are the query rows when the queries
     fit one tile (BLOCK_M == BLOCK_N), else each head loops over chunks of BLOCK_M queries.
     """
-    seq = tl.load(SEQS + tl.program_id(0))
-    h_lo = tl.program_id(1) * heads_per_prog
-    h_hi = tl.minimum(h_lo + heads_per_prog, n_heads)
-    q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
+    h_lo, h_hi, q_lo, n_q, mask_n, rows_k, kv_mask = _win_prologue(
+        SEQS, CUQ, CUK, IDXK, heads_per_prog, n_heads, D, GATHER_K, EVEN_D, BLOCK_N, BLOCK_D)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_kv
-    rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
-    kv_mask = _mask_rows(mask_n, offs_d, D, EVEN_D)
     offs_m = tl.arange(0, BLOCK_M)
     if BLOCK_M == BLOCK_N:  # one tile per head; the head loop is pipelined
         mask_m = offs_m < n_q
@@ -472,15 +479,9 @@ def _win_bwd_kernel(
 ):
     """Whole backward of one sequence (<= BLOCK_N queries and keys) for heads [h_lo, h_hi): dQ, dK and
     dV written once each; with BLOCK_M < BLOCK_N, dK and dV accumulate in registers over query chunks."""
-    seq = tl.load(SEQS + tl.program_id(0))
-    h_lo = tl.program_id(1) * heads_per_prog
-    h_hi = tl.minimum(h_lo + heads_per_prog, n_heads)
-    q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
+    h_lo, h_hi, q_lo, n_q, mask_n, rows_k, kv_mask = _win_prologue(
+        SEQS, CUQ, CUK, IDXK, heads_per_prog, n_heads, D, GATHER_K, EVEN_D, BLOCK_N, BLOCK_D)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_kv
-    rows_k = _rows(IDXK, k_lo + offs_n, mask_n, GATHER_K)
-    kv_mask = _mask_rows(mask_n, offs_d, D, EVEN_D)
     offs_m = tl.arange(0, BLOCK_M)
     if BLOCK_M == BLOCK_N:  # one tile per head; the head loop is pipelined
         mask_m = offs_m < n_q
