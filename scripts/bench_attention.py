@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import bf16_peak_tflops, cuda_time_ms  # noqa: E402
 
 from trellis.modules.attention.backend import backend_unavailable_reason  # noqa: E402
 from trellis.modules.attention.varlen import (  # noqa: E402
@@ -76,31 +79,17 @@ def objects(batch: int, shells_per_object: int, res: int = 64, seed: int = 0) ->
 
 # ----------------------------------------------------------------------------- timing
 def cuda_median_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
+    """``bench_common.cuda_time_ms``; wall-clock median on the CPU (smoke runs only)."""
+    if DEVICE != "cpu":
+        return cuda_time_ms(fn, reps, warmup)
     for _ in range(warmup):
         fn()
-    if DEVICE == "cpu":  # smoke runs only
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+        t0 = time.perf_counter()
         fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def peak_matmul_tflops() -> float:
-    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
-    ms = cuda_median_ms(lambda: a @ b, 3, 10)
-    return 2 * 8192**3 / ms / 1e9
 
 
 def self_flops(lens: list[int], C: int) -> float:
@@ -376,7 +365,7 @@ def main() -> None:
         args.warmup, args.reps, args.backends = 0, 1, ["torch"]
     elif not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA device (or --smoke)")
-    peak = peak_matmul_tflops() if not SMOKE else float("nan")
+    peak = bf16_peak_tflops(DEVICE, reps=10) if not SMOKE else float("nan")
     device_name = torch.cuda.get_device_name() if not SMOKE else "cpu"
     print(f"device {device_name} torch {torch.__version__}; bf16 8192^3 matmul {peak:.0f} TFLOP/s")
     rows = []

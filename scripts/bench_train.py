@@ -293,7 +293,8 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
     return {"config": CONFIGS[which], "mode": label, "step_ms": t * 1e3,
             "spread_ms": (max(times) - min(times)) * 1e3, "step_ms_pipelined": tp * 1e3,
             "pipelined_spread_ms": (max(piped) - min(piped)) * 1e3 if piped else float("nan"),
-            # host time to queue one step; close to the step time = the host, not the GPU, is the limit
+            # host time to queue one step. Not a verdict on its own: a GPU-bound host also blocks, in
+            # launches once the CUDA launch queue is full, so this is close to the step time either way
             "host_ms_pipelined": statistics.median(host) * 1e3 if host else float("nan"),
             # of which waiting for the GPU in the step's own finite-loss check; the rest is host work
             # (Python, launches) and waits at synchronising calls

@@ -189,11 +189,11 @@ def t_bins(per_sample: torch.Tensor, t: torch.Tensor, prefix: str = "bin_", key:
     ``t`` must be a CPU tensor (the trainer draws it there), so this costs no device sync.
     """
     t = t.detach().cpu().double()
-    bins = torch.floor(t * num_bins).long()
-    counts = torch.bincount(bins.clamp(0, num_bins), minlength=num_bins + 1).tolist()  # host; t is a CPU tensor
+    bins = torch.floor(t * num_bins).long().clamp(0, num_bins)  # bin num_bins (t = 1) is not reported
+    counts = torch.bincount(bins, minlength=num_bins + 1).tolist()  # host; t is a CPU tensor
     # one scatter-add on the device; the bin ids go over without a host sync
-    sums = per_sample.detach().new_zeros(num_bins + 1).index_add_(
-        0, to_device_async(bins.clamp(0, num_bins), per_sample.device), per_sample.detach())
+    per_sample = per_sample.detach()
+    sums = per_sample.new_zeros(num_bins + 1).index_add_(0, to_device_async(bins, per_sample.device), per_sample)
     out: dict[str, dict[str, Any]] = {}
     for i in range(num_bins):
         if counts[i]:

@@ -100,13 +100,9 @@ def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dty
 
 
 def select_backend(
-    device: torch.device, dtype: torch.dtype, varlen: bool, sparse: bool, max_len: int | None = None
+    device: torch.device, dtype: torch.dtype, varlen: bool, sparse: bool
 ) -> str:
-    """Resolves the backend for one call: the requested one (checked) or the fastest available.
-
-    ``max_len`` is the longest sequence of a variable-length call (kept for callers; every length now
-    prefers the Triton kernel when Triton is installed).
-    """
+    """Resolves the backend for one call: the requested one (checked) or the fastest available."""
     name = requested_backend(sparse)
     if name != "auto":
         reason = backend_unavailable_reason(name, device, dtype, varlen)

@@ -289,7 +289,7 @@ def attention_with_plan(
     _check_qkv(q, k, v, plan)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend is None:
-        backend = select_backend(q.device, q.dtype, varlen=True, sparse=sparse, max_len=max(plan.max_q, plan.max_kv))
+        backend = select_backend(q.device, q.dtype, varlen=True, sparse=sparse)
     if backend == "torch":
         return _attention_torch(q, k, v, plan, scale)
     if backend == "triton":
@@ -319,7 +319,7 @@ def packed_attention_with_plan(
     q, k, v = qkv.unbind(1)
     _check_qkv(q, k, v, plan)
     if backend is None:
-        backend = select_backend(q.device, q.dtype, varlen=True, sparse=sparse, max_len=max(plan.max_q, plan.max_kv))
+        backend = select_backend(q.device, q.dtype, varlen=True, sparse=sparse)
     if backend == "triton" and qkv.stride(-1) == 1:
         from trellis.modules.attention.triton_varlen import triton_packed_attention
 

@@ -42,6 +42,7 @@ from trellis.trainers.flow.components import (
     keyed_randn_sparse,
 )
 from trellis.trainers.flow.snapshot import load_decoder, slat_pictures, ss_pictures
+from trellis.utils.device import to_device_async
 
 __all__ = [
     "FlowMatchingTrainer", "FlowMatchingCFGTrainer", "TextConditionedFlowMatchingCFGTrainer",
@@ -156,15 +157,16 @@ class FlowMatchingTrainer(Trainer):
 
     def training_losses(self, x_0: Any = None, cond: Any = None, **_: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         b = self.check_x0(x_0)
-        t = self.flow.sample_t(self.generators("t", b))  # [B] CPU
+        t = self.flow.sample_t(self.generators("t", b))  # [B] CPU (t_bins below reads it there)
+        t_dev = to_device_async(t, self.device)  # one copy for x_t and the model's time input
         noise = self.noise_like(x_0)
-        x_t = self.flow.x_t(x_0, t, noise)
+        x_t = self.flow.x_t(x_0, t_dev, noise)
         target = self.flow.velocity(x_0, noise)
         c = self.training_condition(cond, b)
         model = self.models["denoiser"]
         if self.elastic is not None:
             self.elastic.set_input_size(model.input_size(x_t) if hasattr(model, "input_size") else b)
-        pred = self.training_models["denoiser"](x_t, self.flow.model_time(t, device=self.device), c)
+        pred = self.training_models["denoiser"](x_t, self.flow.model_time(t_dev), c)
         if isinstance(pred, SparseTensor):
             mse = F.mse_loss(pred.feats.float(), target.feats.float())
         else:
