@@ -40,7 +40,7 @@ from trellis.modules.sparse.attention import full_plan, window_plan  # noqa: E40
 
 DEVICE = "cuda"  # "cpu" with --smoke
 SMOKE = False
-VARLEN_BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton")
+VARLEN_BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton", "torch_seq")
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -190,16 +190,16 @@ def _set_triton(variant: str, cfg: tuple | None) -> str:
     return "cfg=" + ",".join(map(str, cfg))
 
 
-def time_packed(qkv, plan: VarlenPlan, args) -> tuple[float, float]:
+def time_packed(qkv, plan: VarlenPlan, args, backend: str = "triton") -> tuple[float, float]:
     """Like ``time_varlen`` through ``packed_attention_with_plan`` (the gradient of qkv is one buffer)."""
     g = torch.randn(qkv.shape[0], *qkv.shape[2:], device=qkv.device, dtype=qkv.dtype)
 
     def fwd():
         with torch.no_grad():
-            return packed_attention_with_plan(qkv, plan, backend="triton")
+            return packed_attention_with_plan(qkv, plan, backend=backend)
 
     def fwd_bwd():
-        torch.autograd.grad(packed_attention_with_plan(qkv, plan, backend="triton"), [qkv], g)
+        torch.autograd.grad(packed_attention_with_plan(qkv, plan, backend=backend), [qkv], g)
 
     return cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
 
@@ -219,11 +219,13 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
     rows = []
     for backend in _backends(dtype, args):
         runs = _triton_runs(plan, args) if backend == "triton" else [(backend, None, None)]
+        if backend == "torch_seq" and args.packed:
+            runs.append(("torch_seq[packed]", None, None))
         for label, variant, cfg in runs:
             note = _set_triton(variant, cfg) if variant is not None else ""
             try:
-                if label.endswith(",packed]"):
-                    t_f, t_fb = time_packed(qkv, plan, args)
+                if label.endswith("packed]"):
+                    t_f, t_fb = time_packed(qkv, plan, args, "torch_seq" if label.startswith("torch_seq") else "triton")
                 else:
                     t_f, t_fb = time_varlen(q, k, v, [qkv], plan, backend, args)
             except (RuntimeError, ValueError) as e:  # report and continue with the other backends
@@ -362,7 +364,7 @@ def main() -> None:
     global DEVICE, SMOKE
     if args.smoke:
         DEVICE, SMOKE = "cpu", True
-        args.warmup, args.reps, args.backends = 0, 1, ["torch"]
+        args.warmup, args.reps, args.backends = 0, 1, ["torch", "torch_seq"]
     elif not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA device (or --smoke)")
     peak = bf16_peak_tflops(DEVICE, reps=10) if not SMOKE else float("nan")

@@ -270,10 +270,12 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 trainer.run_step(fresh())
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
-            with open(os.path.join(profile_dir, f"profile_{which}_{mode}{'_compile' if compile_model else ''}.txt"),
-                      "w") as f:
-                f.write(table)
+            stem = os.path.join(profile_dir, f"profile_{which}_{mode}{'_compile' if compile_model else ''}")
+            # GPU time per kernel, and host time per op (what a launch-bound step spends its time on)
+            for sort, suffix in (("cuda_time_total", ""), ("self_cpu_time_total", "_host")):
+                table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+                with open(f"{stem}{suffix}.txt", "w") as f:
+                    f.write(table)
     t = statistics.median(times)
     tp = statistics.median(piped) if piped else float("nan")
     tokens = x_all.feats.shape[0] if sparse else 8 * (spec["args"]["resolution"] // spec["args"]["patch_size"]) ** 3

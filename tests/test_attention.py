@@ -122,7 +122,69 @@ def test_packed_attention_matches_unbound():
         packed_attention_with_plan(qkv[:, :2], plan)
 
 
+@pytest.mark.parametrize("lens_q,lens_kv,gather", [
+    ([5, 0, 17, 30, 1, 100, 3], None, False),  # self, an empty sequence
+    ([4, 9, 0, 33], [7, 1, 5, 60], False),  # cross; sequence 2's keys have no queries (zero gradient)
+    ([3, 50, 12, 1, 64], None, True),  # gathered rows
+])
+def test_per_sequence_backend_matches_naive(lens_q, lens_kv, gather):
+    torch.manual_seed(3)
+    lens_kv = lens_q if lens_kv is None else lens_kv
+    cu_q, cu_kv = _cu(lens_q), _cu(lens_kv)
+    H, d = 2, 8
+    q, k, v = _rand(sum(lens_q), H, d), _rand(sum(lens_kv), H, d), _rand(sum(lens_kv), H, d)
+    perm = torch.randperm(sum(lens_q)) if gather else None
+    plan = VarlenPlan(cu_q, None if lens_kv is lens_q and gather else cu_kv, index_q=perm)
+    out = attention_with_plan(q, k, v, plan, backend="torch_seq")
+    ref = attention_with_plan(q, k, v, plan, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_per_sequence_packed_gradient_is_one_buffer():
+    """The packed per-sequence path: same values as unbound q, k, v; qkv's gradient comes from one
+    backward node writing all pieces (no stack of three gradients, no zero-filled slice gradients)."""
+    torch.manual_seed(4)
+    plan = VarlenPlan(_cu([6, 0, 11, 2]))
+    qkv = _rand(19, 3, 2, 8)
+    out = packed_attention_with_plan(qkv, plan, backend="torch_seq")
+    ref = attention_with_plan(*qkv.unbind(1), plan, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, qkv, g)[0], torch.autograd.grad(ref, qkv, g)[0],
+                               rtol=1e-10, atol=1e-10)
+    node, seen = out.grad_fn, set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        stack.extend(f for f, _ in n.next_functions)
+    names = {type(n).__name__ for n in seen}
+    assert "_PiecesBackward" in names and "StackBackward0" not in names and "SliceBackward0" not in names
+
+
 # ----------------------------------------------------------------------------- backend choice
+def test_auto_backend_by_sequence_lengths():
+    from trellis.modules.attention import backend as bk
+
+    cuda = torch.device("cuda")  # only the choice is made here; nothing runs on the device
+    n = bk.PER_SEQUENCE_MIN_MEAN_LEN
+    few_long = VarlenPlan(_cu([n + 5, n // 2, 2 * n] * 3))  # self-attention, one short sequence among long ones
+    assert select_backend(cuda, torch.bfloat16, varlen=True, sparse=True, plan=few_long) == "torch_seq"
+    assert select_backend(cuda, torch.float32, varlen=True, sparse=True, plan=few_long) != "torch_seq"
+    cross = VarlenPlan(_cu([4000] * 8), _cu([1374] * 8))
+    windows = VarlenPlan(_cu([100] * 500))
+    short = VarlenPlan(_cu([n - 1] * 8))
+    many = VarlenPlan(_cu([2 * n] * (bk.PER_SEQUENCE_MAX_SEQS + 1)))
+    for plan in (cross, windows, short, many, None):
+        assert select_backend(cuda, torch.bfloat16, varlen=True, sparse=True, plan=plan) != "torch_seq"
+    assert select_backend(torch.device("cpu"), torch.bfloat16, varlen=True, sparse=True, plan=few_long) == "torch"
+
+
 def test_backend_env_read_at_call_time(monkeypatch):
     cpu = torch.device("cpu")
     assert select_backend(cpu, torch.float32, varlen=True, sparse=True) == "torch"
@@ -494,7 +556,7 @@ def _assert_output_and_grads_close(out, ref, inputs, tol=2e-2):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["torch", "torch_varlen", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "torch_varlen", "triton", "torch_seq"])
 def test_cuda_backends_match_reference(backend):
     dev = _cuda_backend(backend)
     torch.manual_seed(8)
@@ -511,7 +573,7 @@ def test_cuda_backends_match_reference(backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["torch_varlen", "triton"])
+@pytest.mark.parametrize("backend", ["torch_varlen", "triton", "torch_seq"])
 def test_cuda_backends_cross_attention(backend):
     """Queries and keys of different lengths per sequence (the sparse cross-attention layout)."""
     dev = _cuda_backend(backend)

@@ -14,8 +14,13 @@ Values:
   Dense attention knows ``torch``, ``flash_attn`` and ``xformers``; the varlen-only names fall back to SDPA.
 - ``triton``: this framework's Triton flash-attention kernel for gathered variable-length sequences
   (``trellis.modules.attention.triton_varlen``; CUDA, needs ``triton``).
-- ``auto`` or unset: the fastest one available for the call (CPU: ``torch``; CUDA: ``triton`` when
-  Triton is installed, else flash-attn, ``torch_varlen``, xformers).
+- ``torch_seq``: one unpadded ``F.scaled_dot_product_attention`` call per sequence
+  (``trellis.modules.attention.per_sequence``), so each long sequence gets PyTorch's fastest dense
+  kernel (cuDNN on Hopper); CPU and GPU, variable-length only.
+- ``auto`` or unset: the fastest one available for the call (CPU: ``torch``; CUDA, 16-bit
+  self-attention over at most ``PER_SEQUENCE_MAX_SEQS`` sequences of mean length at least
+  ``PER_SEQUENCE_MIN_MEAN_LEN``: ``torch_seq``; otherwise ``triton`` when Triton is installed, else
+  flash-attn, ``torch_varlen``, xformers).
 
 A backend that is requested explicitly but cannot run the call raises ``trellis.backends.BackendError``
 (a ``RuntimeError``) saying why.
@@ -31,11 +36,16 @@ from trellis.backends import BackendError, add_backend_choices, get_backend
 
 __all__ = ["BACKENDS", "requested_backend", "select_backend", "backend_unavailable_reason"]
 
-BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton")
+BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton", "torch_seq")
+# ``auto`` runs self-attention over at most this many sequences of at least this mean length as one
+# SDPA call per sequence (``torch_seq``). Cross-attention to 1374 condition tokens stays on Triton
+# (faster there); measured in docs/PERFORMANCE_attention.md
+PER_SEQUENCE_MAX_SEQS = 64
+PER_SEQUENCE_MIN_MEAN_LEN = 1024
 _ALIASES = {"sdpa": "torch", "naive": "torch"}
 # Registers this module's names with the framework-wide backend table (no CUDA query here).
 add_backend_choices("attn", "torch", "auto")
-add_backend_choices("sparse_attn", "torch", "torch_varlen", "triton")
+add_backend_choices("sparse_attn", "torch", "torch_varlen", "triton", "torch_seq")
 
 
 def requested_backend(sparse: bool) -> str:
@@ -69,6 +79,8 @@ def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dty
     """None when ``name`` can run on this device / dtype, else a readable reason."""
     if name == "torch":
         return None
+    if name == "torch_seq":
+        return None if varlen else "attention backend 'torch_seq' only does variable-length attention"
     if device.type != "cuda":
         return f"attention backend '{name}' needs CUDA tensors, got device {device}"
     half = dtype in (torch.float16, torch.bfloat16)
@@ -99,10 +111,20 @@ def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dty
     raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(BACKENDS)}")
 
 
+def _few_long_sequences(plan) -> bool:
+    """True for self-attention over at most ``PER_SEQUENCE_MAX_SEQS`` sequences of mean length at
+    least ``PER_SEQUENCE_MIN_MEAN_LEN``."""
+    if plan is None or not plan.self_attention or not 0 < plan.num_seqs <= PER_SEQUENCE_MAX_SEQS:
+        return False
+    return plan.num_q >= PER_SEQUENCE_MIN_MEAN_LEN * plan.num_seqs
+
+
 def select_backend(
-    device: torch.device, dtype: torch.dtype, varlen: bool, sparse: bool
+    device: torch.device, dtype: torch.dtype, varlen: bool, sparse: bool, plan=None
 ) -> str:
-    """Resolves the backend for one call: the requested one (checked) or the fastest available."""
+    """Resolves the backend for one call: the requested one (checked) or the fastest available.
+
+    ``plan`` (a ``VarlenPlan``, optional) lets ``auto`` pick by the sequence lengths."""
     name = requested_backend(sparse)
     if name != "auto":
         reason = backend_unavailable_reason(name, device, dtype, varlen)
@@ -111,6 +133,8 @@ def select_backend(
         return name
     if device.type != "cuda" or not varlen:
         return "torch"  # dense: SDPA picks flash / cuDNN / efficient kernels itself
+    if dtype in (torch.float16, torch.bfloat16) and _few_long_sequences(plan):
+        return "torch_seq"  # a few long sequences: cuDNN's dense kernel on each beats the varlen kernels
     # Triton first: short windows (no padding, rows gathered in place) and, with the 16-bit / d <= 64
     # blocks, long sequences too (SLat flow L step 3.5% faster than with FlashAttention-2 varlen on an
     # H200; docs/PERFORMANCE_flow.md)

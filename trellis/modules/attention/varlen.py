@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from trellis.modules.attention.backend import select_backend
+from trellis.modules.attention.per_sequence import per_sequence_attention, per_sequence_packed_attention
 
 __all__ = ["VarlenPlan", "varlen_attention", "attention_with_plan", "packed_attention_with_plan", "dense_attention",
            "naive_varlen_attention"]
@@ -289,13 +290,15 @@ def attention_with_plan(
     _check_qkv(q, k, v, plan)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend is None:
-        backend = select_backend(q.device, q.dtype, varlen=True, sparse=sparse)
+        backend = select_backend(q.device, q.dtype, varlen=True, sparse=sparse, plan=plan)
     if backend == "torch":
         return _attention_torch(q, k, v, plan, scale)
     if backend == "triton":
         from trellis.modules.attention.triton_varlen import triton_varlen_attention
 
         return triton_varlen_attention(q, k, v, plan, scale)
+    if backend == "torch_seq":
+        return per_sequence_attention(q, k, v, plan, scale)
     return _attention_fused(q, k, v, plan, scale, backend)
 
 
@@ -319,11 +322,13 @@ def packed_attention_with_plan(
     q, k, v = qkv.unbind(1)
     _check_qkv(q, k, v, plan)
     if backend is None:
-        backend = select_backend(q.device, q.dtype, varlen=True, sparse=sparse)
+        backend = select_backend(q.device, q.dtype, varlen=True, sparse=sparse, plan=plan)
     if backend == "triton" and qkv.stride(-1) == 1:
         from trellis.modules.attention.triton_varlen import triton_packed_attention
 
         return triton_packed_attention(qkv, plan, scale)
+    if backend == "torch_seq":
+        return per_sequence_packed_attention(qkv, plan, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
     return attention_with_plan(q, k, v, plan, scale=scale, backend=backend, sparse=sparse)
 
 
@@ -375,7 +380,7 @@ def dense_attention(
         )
     if backend is None:
         backend = select_backend(q.device, q.dtype, varlen=False, sparse=False)
-    if backend in ("torch", "torch_varlen", "triton"):
+    if backend in ("torch", "torch_varlen", "triton", "torch_seq"):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
         return out.transpose(1, 2)  # [B, H, L, d] -> [B, L, H, d]
     if backend == "flash_attn":

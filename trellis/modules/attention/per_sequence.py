@@ -1,0 +1,109 @@
+"""Variable-length attention as one unpadded ``F.scaled_dot_product_attention`` call per sequence.
+
+For a few long sequences (full attention over the objects of a SLat batch, cross-attention of each
+object to its condition tokens) this lets PyTorch run its fastest dense kernel on each sequence, on an
+H100/H200 cuDNN's (about 1.6x the rate of a FlashAttention-2 style varlen kernel for head dim 64,
+docs/PERFORMANCE_attention.md). No padding and no mask: sequence i is rows
+``cu_seqlens[i]:cu_seqlens[i+1]``, viewed as ``[1, H, L_i, d]`` (rows gathered first when the plan
+has an index). One launch per sequence, so it is only worth it for long ones; ``backend.select_backend``
+decides.
+
+Gradients: slicing a tensor S times makes autograd build S full-size zero tensors for the input's
+gradient. ``_Pieces`` hands out the per-sequence views instead and, in backward, copies the S pieces'
+gradients into one buffer (for q/k/v packed as ``[T, 3, H, d]``, one ``[T, 3, H, d]`` gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["per_sequence_attention", "per_sequence_packed_attention"]
+
+
+class _Pieces(torch.autograd.Function):
+    """``x`` -> the views ``x[s:e]`` (``j`` None) or ``x[s:e, j]`` for each ``(s, e, j)`` of ``pieces``.
+
+    Backward writes each piece's gradient into its place in one buffer shaped like ``x``; rows no
+    piece covers get zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pieces: tuple, covers_all: bool):
+        ctx.pieces, ctx.covers_all = pieces, covers_all
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        return tuple(x[s:e] if j is None else x[s:e, j] for s, e, j in pieces)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        make = torch.empty if ctx.covers_all else torch.zeros
+        out = make(ctx.shape, dtype=ctx.dtype, device=grads[0].device)
+        for (s, e, j), g in zip(ctx.pieces, grads):
+            (out[s:e] if j is None else out[s:e, j]).copy_(g)
+        return out, None, None
+
+
+def _bounds(lens: list[int]) -> list[tuple[int, int]]:
+    out, s = [], 0
+    for n in lens:
+        out.append((s, s + n))
+        s += n
+    return out
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0).transpose(1, 2)  # [L, H, d] -> [1, H, L, d] (a view)
+
+
+def _attend(qs, ks, vs, scale: float, T_q: int, like: torch.Tensor) -> torch.Tensor:
+    """Per-sequence SDPA over lists of ``[L, H, d]`` views -> ``[T_q, H, d]``."""
+    outs = [F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), scale=scale)
+            .squeeze(0).transpose(0, 1) for q, k, v in zip(qs, ks, vs)]  # [1, H, L, d] -> [L, H, d]
+    if not outs:
+        return like.new_zeros(T_q, *like.shape[1:])
+    if sum(o.shape[0] for o in outs) != T_q:  # sequences without queries: nothing to attend for them
+        raise ValueError("per-sequence attention: the query sequences do not cover every query row")
+    return torch.cat(outs)
+
+
+def _gathered(plan, q, k, v):
+    """q, k, v with their rows in sequence order (an index_select when the plan gathers rows)."""
+    if plan.index_q is not None:
+        q = q.index_select(0, plan.index_q.to(q.device))
+    if plan.index_kv is not None:
+        k = k.index_select(0, plan.index_kv.to(k.device))
+        v = v.index_select(0, plan.index_kv.to(v.device))
+    return q, k, v
+
+
+def _restore(plan, out: torch.Tensor) -> torch.Tensor:
+    return out if plan.index_q is None else out.index_select(0, plan.inverse_q(out.device))
+
+
+def per_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float) -> torch.Tensor:
+    """``attention_with_plan`` with one SDPA call per sequence: q ``[T_q, H, d]``, k/v ``[T_kv, H, d]``."""
+    q, k, v = _gathered(plan, q, k, v)
+    live = [i for i, n in enumerate(plan.lens_q) if n > 0]
+    if not live:
+        return q.new_zeros(q.shape)
+    bq, bk = _bounds(plan.lens_q), _bounds(plan.lens_kv)
+    pq = tuple((*bq[i], None) for i in live)
+    pk = tuple((*bk[i], None) for i in live)
+    kv_all = sum(plan.lens_kv[i] for i in live) == k.shape[0]
+    qs = _Pieces.apply(q, pq, True)
+    ks, vs = _Pieces.apply(k, pk, kv_all), _Pieces.apply(v, pk, kv_all)
+    return _restore(plan, _attend(qs, ks, vs, scale, plan.num_q, q))
+
+
+def per_sequence_packed_attention(qkv: torch.Tensor, plan, scale: float) -> torch.Tensor:
+    """Self-attention over ``qkv [T, 3, H, d]`` with one SDPA call per sequence; the gradient of
+    ``qkv`` is one buffer."""
+    if plan.index_q is not None:
+        qkv = qkv.index_select(0, plan.index_q.to(qkv.device))
+    live = [b for b, n in zip(_bounds(plan.lens_q), plan.lens_q) if n > 0]
+    S = len(live)
+    if S == 0:
+        return qkv.new_zeros(qkv[:, 0].shape)
+    views = _Pieces.apply(qkv, tuple((s, e, j) for j in range(3) for s, e in live), True)
+    out = _attend(views[:S], views[S:2 * S], views[2 * S:], scale, plan.num_q, qkv[:, 0])
+    return _restore(plan, out)
