@@ -316,14 +316,8 @@ def _no_autocast(device: torch.device):
 # ---------------------------------------------------------------------------------------------
 # Autograd functions
 # ---------------------------------------------------------------------------------------------
-def triton_device(t: torch.Tensor) -> bool:
-    """Whether the ``"triton"`` mode runs its kernels on ``t``: CUDA tensors, or any under the Triton
-    interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _use_triton(kern: _Kernels, chunks: torch.Tensor | None, x: torch.Tensor) -> bool:
-    return kern.triton and chunks is not None and triton_device(x)
+    return kern.triton and chunks is not None and x.is_cuda
 
 
 class _AddNorm(torch.autograd.Function):
@@ -333,7 +327,6 @@ class _AddNorm(torch.autograd.Function):
     def forward(ctx, x, h, gate, ids, weight, bias, shift, scale, eps, kern, chunks):
         ctx.set_materialize_grads(False)
         ctx.triton = _use_triton(kern, chunks, x)
-        ctx.kern = kern
         if ctx.triton:
             from trellis.modules import fused_triton
 
@@ -520,7 +513,7 @@ def rms_norm_heads(x: torch.Tensor, gamma: torch.Tensor, scale: float, kern: _Ke
     """``MultiHeadRMSNorm``'s ``F.normalize(x.float(), dim=-1) * gamma * scale`` cast back, as one
     region (autograd by ``torch.compile`` in the compiled mode; Triton kernels in the ``"triton"``
     mode on CUDA). ``x [N, H, d]``, ``gamma [H, d]``."""
-    if kern.triton and triton_device(x):
+    if kern.triton and x.is_cuda:
         return _RMSNormHeads.apply(x, gamma, float(scale))
     kern.mark_rows(x)
     return kern.rms_norm_heads(x, gamma, scale)

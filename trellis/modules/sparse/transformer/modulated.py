@@ -48,7 +48,7 @@ def _check_per_batch(x: SparseTensor, v: torch.Tensor) -> None:
 def fused_row_chunks(x: SparseTensor, kern: fused._Kernels) -> torch.Tensor | None:
     """The row runs of each batch item that the ``"triton"`` fused regions reduce over (cached with
     the coordinates); None where they are not used."""
-    if not (kern.triton and fused.triton_device(x.feats)):
+    if not (kern.triton and x.feats.is_cuda):
         return None
     chunks = x.get_spatial_cache("fused_row_chunks")
     if chunks is None:
