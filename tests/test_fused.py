@@ -3,7 +3,6 @@ path equals the original one (forward and every gradient), in the eager and the 
 state dict does not change, and the trainer's ``compile`` compiles the SLat model's regions."""
 
 import copy
-import importlib.util
 import os
 
 import pytest
@@ -63,18 +62,18 @@ def make_block(share_mod=False, seed=0):
 
 
 def run_block(blk, mode, dtype=torch.float32, share_mod=False, checkpoint=False, autocast=False, seed=1,
-              counts=COUNTS, device="cpu"):
+              counts=COUNTS):
     """Forward + backward of a copy of ``blk`` in ``mode``; returns (output, {name: grad})."""
-    b = copy.deepcopy(blk).to(device=device, dtype=dtype)
+    b = copy.deepcopy(blk).to(dtype)
     b.use_checkpoint = checkpoint
     fused.set_fused(b, mode)
-    coords = sparse_batch(counts).to(device)
+    coords = sparse_batch(counts)
     g = torch.Generator().manual_seed(seed)
     B, N = len(counts), coords.shape[0]
-    feats = torch.randn(N, C, generator=g).to(device, dtype).requires_grad_()
-    mod = torch.randn(B, 6 * C if share_mod else C, generator=g).to(device, dtype).requires_grad_()
-    ctx = torch.randn(B, L_CTX, C_CTX, generator=g).to(device, dtype).requires_grad_()
-    w = torch.randn(N, C, generator=g).to(device)
+    feats = torch.randn(N, C, generator=g).to(dtype).requires_grad_()
+    mod = torch.randn(B, 6 * C if share_mod else C, generator=g).to(dtype).requires_grad_()
+    ctx = torch.randn(B, L_CTX, C_CTX, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(N, C, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = b(SparseTensor(feats, coords), mod, ctx).feats
     (out.float() * w).sum().backward()
@@ -319,135 +318,3 @@ def test_dense_models_still_compile_whole(monkeypatch):
                                   out_channels=8, num_blocks=1, num_heads=2, io_block_channels=[8],
                                   num_io_res_blocks=1)
     assert compile_model(sparse, {"backend": "eager"}) is sparse
-
-
-# ------------------------------------------------------------------ Triton region kernels
-_TRITON_COUNTS = [130, 0, 7, 260]  # runs over several 128-row chunks, an empty batch item
-_REGIONS = {  # name: (has h, gate, affine weight, modulation, LayerNorm)
-    "modnorm": (False, False, False, True, True),
-    "gated_add_norm": (True, True, True, False, True),
-    "add_modnorm": (True, False, False, True, True),
-    "gated_residual": (True, True, False, False, False),
-}
-
-
-def _region_inputs(region, dtype, device, C_=72):
-    has_h, has_gate, affine, mod, _ = _REGIONS[region]
-    g = torch.Generator().manual_seed(5)
-    N, B = sum(_TRITON_COUNTS), len(_TRITON_COUNTS)
-    ids = torch.repeat_interleave(torch.arange(B), torch.tensor(_TRITON_COUNTS))
-
-    def rnd(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
-
-    mod6 = rnd(B, 6 * C_, s=0.5)  # per-batch vectors are column blocks of one [B, 6C] tensor, as in the block
-    return dict(x=rnd(N, C_), h=rnd(N, C_) if has_h else None, gate=mod6[:, :C_] if has_gate else None,
-                ids=ids.to(device), weight=rnd(C_, s=0.5) + 1 if affine else None,
-                bias=rnd(C_, s=0.5) if affine else None, shift=mod6[:, C_:2 * C_] if mod else None,
-                scale=mod6[:, 2 * C_:3 * C_] if mod else None)
-
-
-def _region_reference(region, inp, g_res, g_y):
-    """The eager region bodies in float64: forward outputs and gradients."""
-    d = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in inp.items()}
-    norm = _REGIONS[region][4]
-    if not norm:
-        res = fused._gated_residual_fwd(d["x"], d["h"], d["gate"], d["ids"])
-        g_h, g_gate = fused._gated_residual_bwd(g_res.double(), d["h"], d["gate"], d["ids"])
-        return (res, None, None, None), (None, g_h, g_gate, None, None, None, None)
-    res, y, mean, rstd = fused._add_norm_fwd(d["x"], d["h"], d["gate"], d["ids"], d["weight"], d["bias"],
-                                             d["shift"], d["scale"], 1e-6)
-    grads = fused._add_norm_backward(None if g_res is None else g_res.double(), g_y.double(), res, d["h"],
-                                     d["gate"], d["ids"], mean, rstd, d["weight"], d["shift"], d["scale"],
-                                     torch.float64)
-    return (res, y, mean.flatten(), rstd.flatten()), grads
-
-
-def _check_triton_regions(device, dtype, tol):
-    from trellis.modules import fused_triton
-
-    for region, (has_h, _, _, _, norm) in _REGIONS.items():
-        inp = _region_inputs(region, dtype, device)
-        chunks = fused.row_chunks(_TRITON_COUNTS, torch.device(device))
-        res, y, mean, rstd = fused_triton.ln_forward(*inp.values(), 1e-6, norm=norm)
-        gen = torch.Generator().manual_seed(6)
-        g_y = torch.randn(res.shape, generator=gen).to(device=device, dtype=dtype) if norm else None
-        g_res = torch.randn(res.shape, generator=gen).to(device=device, dtype=dtype) if has_h else None
-        got_g = fused_triton.ln_backward(g_res, g_y, res if norm else inp["h"], inp["h"], inp["gate"], chunks, mean,
-                                         rstd, inp["weight"], inp["scale"], len(_TRITON_COUNTS), dtype, norm=norm,
-                                         store_gx=norm)
-        ref, ref_g = _region_reference(region, inp, g_res, g_y)
-        names = ("res", "y", "mean", "rstd", "g_x", "g_h", "g_gate", "g_weight", "g_bias", "g_shift", "g_scale")
-        for name, a, b in zip(names, (res if has_h else None, y, mean, rstd, *got_g),
-                              (ref[0] if has_h else None, *ref[1:], *ref_g)):
-            assert (a is None) == (b is None), f"{region} {name}: {a is None} vs {b is None}"
-            if a is not None:
-                err = ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
-                assert err < tol, f"{region} {name}: relative error {err:.2e}"
-        if inp["gate"] is not None:  # the empty batch item gets a zero gradient
-            assert torch.all(got_g[2][1] == 0)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_triton_regions_interpreter(monkeypatch):
-    """The Triton region kernels on the CPU through TRITON_INTERPRET, against the eager bodies in float64."""
-    if torch.cuda.is_available():
-        pytest.skip("covered by the GPU test")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _check_triton_regions("cpu", torch.float32, 1e-5)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
-def test_triton_regions_gpu(dtype, tol):
-    _check_triton_regions("cuda", dtype, tol)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_triton_mode_block_matches_original():
-    """The whole block in the "triton" mode on CUDA: output and every gradient as the original code."""
-    blk = make_block()
-    out_ref, g_ref = run_block(blk, "off", counts=[300, 2, 150], device="cuda")
-    out, g = run_block(blk, "triton", counts=[300, 2, 150], device="cuda")
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
-    for k in g_ref:
-        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-3, atol=1e-4, msg=k)
-
-
-def _check_triton_rms(device, dtype, tol):
-    from trellis.modules import fused_triton
-
-    g = torch.Generator().manual_seed(7)
-    N, H, D = 150, 3, 40
-    qkv = torch.randn(N, 3, H, D, generator=g)
-    qkv[5, 0, 1] = 0.0  # a zero vector: its norm is clamped to eps, as in F.normalize
-    qkv = qkv.to(device, dtype)
-    x = qkv[:, 0]  # a strided view, as q from the packed projection
-    gamma = (torch.randn(H, D, generator=g) * 0.3 + 1).to(device)
-    y, nrm = fused_triton.rms_forward(x, gamma, D ** 0.5)
-    gy = torch.randn(N, H, D, generator=g).to(device, dtype)
-    g_x, g_gamma = fused_triton.rms_backward(gy, x, gamma, nrm, D ** 0.5)
-    xr, gr = x.double().requires_grad_(), gamma.double().requires_grad_()
-    ref = torch.nn.functional.normalize(xr, dim=-1) * gr * D ** 0.5
-    ref_gx, ref_gg = torch.autograd.grad(ref, (xr, gr), gy.double())
-    for name, a, b in (("y", y, ref), ("g_x", g_x, ref_gx), ("g_gamma", g_gamma, ref_gg)):
-        err = ((a.double() - b).norm() / b.norm()).item()
-        assert err < tol, f"rms {name}: relative error {err:.2e}"
-    assert y.dtype == dtype and g_x.dtype == dtype and g_gamma.dtype == gamma.dtype
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_triton_rms_interpreter(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("covered by the GPU test")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _check_triton_rms("cpu", torch.float32, 1e-5)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_triton_rms_gpu(dtype, tol):
-    _check_triton_rms("cuda", dtype, tol)

@@ -27,11 +27,6 @@ Modes (per module, see :func:`set_fused`; the default follows the environment va
   A reference for tests and the CPU.
 * ``"compile"`` (``TRELLIS_FUSED=1``): the fused functions through ``torch.compile``. Rows and batch
   size are marked dynamic (the channel width stays static), so varying token counts reuse one graph.
-* ``"triton"`` (``TRELLIS_FUSED=triton``): on CUDA tensors, the LayerNorm and gated-residual regions
-  as hand-written Triton kernels (``trellis.modules.fused_triton``): one launch per region and
-  direction, a few microseconds of host time where a compiled region call costs 150-350 us. Needs
-  the row runs of each batch item (``chunks``, see :func:`row_chunks`). CPU tensors and the q/k RMS
-  norm run as in ``"compile"``. What ``compile_fused_regions`` picks on a machine with CUDA and Triton.
 
 Inside a whole-model ``torch.compile`` (the dense models) the modules always run their original
 code and let the outer compile fuse it.
@@ -40,7 +35,6 @@ code and let the outer compile fuse it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from typing import Any
 
@@ -57,23 +51,22 @@ __all__ = [
     "fused_kernels",
     "gated_residual",
     "rms_norm_heads",
-    "row_chunks",
     "segment_sum",
     "set_fused",
 ]
 
-FUSED_MODES = ("off", "eager", "compile", "triton")
+FUSED_MODES = ("off", "eager", "compile")
 _ENV = "TRELLIS_FUSED"
 _ENV_VALUES = {"": "off", "0": "off", "off": "off", "false": "off", "no": "off",
                "1": "compile", "on": "compile", "true": "compile", "yes": "compile", "compile": "compile",
-               "eager": "eager", "triton": "triton"}
+               "eager": "eager"}
 
 
 def env_fused_mode() -> str:
     """The mode named by ``TRELLIS_FUSED`` (read now): ``"off"``, ``"eager"`` or ``"compile"``."""
     raw = os.environ.get(_ENV, "").strip().lower()
     if raw not in _ENV_VALUES:
-        raise ValueError(f"{_ENV}={raw!r}: expected one of 0/1/off/on/eager/compile/triton")
+        raise ValueError(f"{_ENV}={raw!r}: expected one of 0/1/off/on/eager/compile")
     return _ENV_VALUES[raw]
 
 
@@ -108,21 +101,13 @@ def set_fused(module: nn.Module, mode: str | None = "compile", **compile_kwargs:
     return count
 
 
-def triton_regions_available() -> bool:
-    """True when the Triton region kernels can run here (CUDA and the ``triton`` package)."""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-
-
 class FusedRegionsMixin:
     """For models that are not compiled whole: ``compile_fused_regions`` compiles their fused
     element-wise regions instead. The trainer's ``compile`` argument calls it when a model has it."""
 
-    def compile_fused_regions(self, fused_mode: str | None = None, **compile_kwargs: Any) -> int:
-        """``set_fused(self, mode, **compile_kwargs)`` with ``mode`` = ``fused_mode`` or, by default,
-        ``"triton"`` where CUDA and Triton are available, else ``"compile"``. Returns the number of
-        fused modules."""
-        mode = fused_mode or ("triton" if triton_regions_available() else "compile")
-        return set_fused(self, mode, **compile_kwargs)
+    def compile_fused_regions(self, **compile_kwargs: Any) -> int:
+        """``set_fused(self, "compile", **compile_kwargs)``; returns the number of fused modules."""
+        return set_fused(self, "compile", **compile_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,8 +252,7 @@ class _Kernels:
 
     def __init__(self, setting: FusedSetting):
         self.setting = setting
-        self.triton = setting.mode == "triton"  # Triton kernels on CUDA, compiled bodies elsewhere
-        self.compiled = setting.mode in ("compile", "triton")
+        self.compiled = setting.mode == "compile"
         kwargs = dict(setting.compile_kwargs)
         for name, fn in _BODIES.items():
             setattr(self, name, torch.compile(fn, **kwargs) if self.compiled else fn)
@@ -316,26 +300,12 @@ def _no_autocast(device: torch.device):
 # ---------------------------------------------------------------------------------------------
 # Autograd functions
 # ---------------------------------------------------------------------------------------------
-def _use_triton(kern: _Kernels, chunks: torch.Tensor | None, x: torch.Tensor) -> bool:
-    return kern.triton and chunks is not None and x.is_cuda
-
-
 class _AddNorm(torch.autograd.Function):
     """``(res, y)`` of :func:`add_layer_norm`; only ``y`` when there is no residual input ``h``."""
 
     @staticmethod
-    def forward(ctx, x, h, gate, ids, weight, bias, shift, scale, eps, kern, chunks):
+    def forward(ctx, x, h, gate, ids, weight, bias, shift, scale, eps, kern):
         ctx.set_materialize_grads(False)
-        ctx.triton = _use_triton(kern, chunks, x)
-        if ctx.triton:
-            from trellis.modules import fused_triton
-
-            res, y, mean, rstd = fused_triton.ln_forward(x, h, gate, ids, weight, bias, shift, scale, eps)
-            ctx.chunks = chunks
-            ctx.has_h = h is not None
-            ctx.x_dtype = x.dtype
-            ctx.save_for_backward(res, h, gate, ids, mean, rstd, weight, shift, scale)
-            return y if h is None else (res, y)
         kern.mark_rows(x, h, ids, gate, shift, scale)
         with _no_autocast(x.device):
             if h is None:
@@ -362,16 +332,8 @@ class _AddNorm(torch.autograd.Function):
         g_res, g_y = (grads if ctx.has_h else (None, grads[0]))
         if g_y is None:  # y unused: only the residual sum carries gradient
             if g_res is None:
-                return (None,) * 11
+                return (None,) * 10
             g_y = torch.zeros_like(res, dtype=torch.float32)
-        if ctx.triton:
-            from trellis.modules import fused_triton
-
-            B = next(v.shape[0] for v in (gate, shift, scale, torch.empty(0)) if v is not None)
-            grads = fused_triton.ln_backward(g_res, g_y, res, h, gate, ctx.chunks, mean, rstd, weight, scale, B,
-                                             ctx.x_dtype)
-            g_x, g_h, g_gate, g_w, g_b, g_shift, g_scale = grads
-            return g_x, g_h, g_gate, None, g_w, g_b, g_shift, g_scale, None, None, None
         kern.mark_rows(g_res, g_y, res, h, ids, mean, rstd, gate, shift, scale)
         with _no_autocast(res.device):
             if not ctx.has_h:
@@ -384,20 +346,12 @@ class _AddNorm(torch.autograd.Function):
                 grads = kern.add_norm_bwd(g_res, g_y, res, h, gate, ids, mean, rstd, weight, shift, scale,
                                           ctx.x_dtype)
         g_x, g_h, g_gate, g_w, g_b, g_shift, g_scale = grads
-        return g_x, g_h, g_gate, None, g_w, g_b, g_shift, g_scale, None, None, None
+        return g_x, g_h, g_gate, None, g_w, g_b, g_shift, g_scale, None, None
 
 
 class _GatedResidual(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h, gate, ids, kern, chunks):
-        ctx.triton = _use_triton(kern, chunks, x)
-        ctx.x_dtype = x.dtype
-        if ctx.triton:
-            from trellis.modules import fused_triton
-
-            ctx.chunks = chunks
-            ctx.save_for_backward(h, gate, ids)
-            return fused_triton.ln_forward(x, h, gate, ids, None, None, None, None, 0.0, norm=False)[0]
+    def forward(ctx, x, h, gate, ids, kern):
         kern.mark_rows(x, h, ids, gate)
         with _no_autocast(x.device):
             out = kern.gated_residual_fwd(x, h, gate, ids)
@@ -409,17 +363,11 @@ class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, gate, ids = ctx.saved_tensors
-        if ctx.triton:
-            from trellis.modules import fused_triton
-
-            _, g_h, g_gate, *_ = fused_triton.ln_backward(g, None, h, h, gate, ctx.chunks, None, None, None, None,
-                                                          gate.shape[0], ctx.x_dtype, norm=False, store_gx=False)
-            return g.to(ctx.x_dtype), g_h, g_gate, None, None, None
         kern = ctx.kern
         kern.mark_rows(g, h, ids, gate)
         with _no_autocast(g.device):
             g_h, g_gate = kern.gated_residual_bwd(g, h, gate, ids)
-        return g.to(ctx.x_dtype), g_h, g_gate, None, None, None
+        return g.to(ctx.x_dtype), g_h, g_gate, None, None
 
 
 def _check_rows(name: str, x: torch.Tensor, ids: torch.Tensor, *per_batch: torch.Tensor | None) -> None:
@@ -433,7 +381,7 @@ def _check_rows(name: str, x: torch.Tensor, ids: torch.Tensor, *per_batch: torch
 def add_layer_norm(x: torch.Tensor, batch_ids: torch.Tensor, kern: _Kernels, *, h: torch.Tensor | None = None,
                    gate: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                   scale: torch.Tensor | None = None, eps: float = 1e-6, chunks: torch.Tensor | None = None):
+                   scale: torch.Tensor | None = None, eps: float = 1e-6):
     """Residual sum and LayerNorm with adaLN modulation, fused.
 
     ``res = x`` (``h`` None), ``x + h`` (``gate`` None) or ``x + gate[batch_ids] * h``; then
@@ -442,9 +390,7 @@ def add_layer_norm(x: torch.Tensor, batch_ids: torch.Tensor, kern: _Kernels, *, 
 
     Args: ``x``, ``h`` ``[N, C]``; ``batch_ids`` ``[N]`` int64 (rows of a batch item contiguous);
     ``gate``, ``shift``, ``scale`` ``[B, C]``; ``weight``, ``bias`` ``[C]``; ``kern`` from
-    :func:`fused_kernels`; ``chunks`` the row runs of each batch item (:func:`row_chunks`), needed by
-    the ``"triton"`` mode (without them it runs as ``"compile"``). Returns ``y``, or ``(res, y)`` when
-    ``h`` is given.
+    :func:`fused_kernels`. Returns ``y``, or ``(res, y)`` when ``h`` is given.
     """
     _check_rows("add_layer_norm", x, batch_ids, gate, shift, scale)
     if (shift is None) != (scale is None):
@@ -457,63 +403,20 @@ def add_layer_norm(x: torch.Tensor, batch_ids: torch.Tensor, kern: _Kernels, *, 
         raise ValueError("add_layer_norm: without h only the modulated (non-affine) LN is fused")
     if h is None and scale is None:
         raise ValueError("add_layer_norm: nothing to fuse (no h and no modulation)")
-    return _AddNorm.apply(x, h, gate, batch_ids, weight, bias, shift, scale, float(eps), kern, chunks)
+    return _AddNorm.apply(x, h, gate, batch_ids, weight, bias, shift, scale, float(eps), kern)
 
 
 def gated_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, batch_ids: torch.Tensor,
-                   kern: _Kernels, chunks: torch.Tensor | None = None) -> torch.Tensor:
-    """``x + gate[batch_ids] * h`` fused; ``x``, ``h`` ``[N, C]``, ``gate`` ``[B, C]``; ``chunks`` as
-    :func:`add_layer_norm`."""
+                   kern: _Kernels) -> torch.Tensor:
+    """``x + gate[batch_ids] * h`` fused; ``x``, ``h`` ``[N, C]``, ``gate`` ``[B, C]``."""
     _check_rows("gated_residual", x, batch_ids, gate)
     if h.shape != x.shape:
         raise ValueError(f"gated_residual: h {tuple(h.shape)} must match x {tuple(x.shape)}")
-    return _GatedResidual.apply(x, h, gate, batch_ids, kern, chunks)
-
-
-def row_chunks(batch_counts: list[int], device: torch.device) -> torch.Tensor:
-    """``[P, 3]`` int32 ``(start, end, batch)``: each batch item's rows (contiguous, in batch order) in
-    runs of at most ``fused_triton.CHUNK_ROWS``; what the ``"triton"`` mode's backward kernels reduce
-    over. Build it once per coordinate set (``SparseTensor`` callers cache it)."""
-    counts = torch.tensor(batch_counts, dtype=torch.long)
-    chunk = 128  # = fused_triton.CHUNK_ROWS (not imported here: that module needs triton)
-    n_chunks = (counts + chunk - 1) // chunk  # [B]
-    batch = torch.repeat_interleave(torch.arange(len(batch_counts)), n_chunks)  # [P]
-    first = torch.cumsum(n_chunks, 0) - n_chunks  # [B] index of each item's first chunk
-    offsets = torch.cumsum(counts, 0) - counts  # [B] first row of each item
-    k = torch.arange(int(n_chunks.sum())) - first[batch]  # chunk index inside its item
-    start = offsets[batch] + k * chunk
-    end = torch.minimum(start + chunk, offsets[batch] + counts[batch])
-    from trellis.utils.device import to_device_async
-
-    return to_device_async(torch.stack([start, end, batch], 1).to(torch.int32), device)
-
-
-class _RMSNormHeads(torch.autograd.Function):
-    """The ``"triton"`` mode's q/k RMS norm on CUDA (``fused_triton.rms_forward`` / ``rms_backward``)."""
-
-    @staticmethod
-    def forward(ctx, x, gamma, scale):
-        from trellis.modules import fused_triton
-
-        y, nrm = fused_triton.rms_forward(x, gamma, scale)
-        ctx.scale = scale
-        ctx.save_for_backward(x, gamma, nrm)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        from trellis.modules import fused_triton
-
-        x, gamma, nrm = ctx.saved_tensors
-        g_x, g_gamma = fused_triton.rms_backward(g, x, gamma, nrm, ctx.scale)
-        return g_x, g_gamma, None
+    return _GatedResidual.apply(x, h, gate, batch_ids, kern)
 
 
 def rms_norm_heads(x: torch.Tensor, gamma: torch.Tensor, scale: float, kern: _Kernels) -> torch.Tensor:
     """``MultiHeadRMSNorm``'s ``F.normalize(x.float(), dim=-1) * gamma * scale`` cast back, as one
-    region (autograd by ``torch.compile`` in the compiled mode; Triton kernels in the ``"triton"``
-    mode on CUDA). ``x [N, H, d]``, ``gamma [H, d]``."""
-    if kern.triton and x.is_cuda:
-        return _RMSNormHeads.apply(x, gamma, float(scale))
+    region (autograd by ``torch.compile`` in the compiled mode). ``x [N, H, d]``, ``gamma [H, d]``."""
     kern.mark_rows(x)
     return kern.rms_norm_heads(x, gamma, scale)

@@ -45,18 +45,6 @@ def _check_per_batch(x: SparseTensor, v: torch.Tensor) -> None:
         raise ValueError(f"per_batch_rows: expected [B={x.batch_size}, K], got {tuple(v.shape)}")
 
 
-def fused_row_chunks(x: SparseTensor, kern: fused._Kernels) -> torch.Tensor | None:
-    """The row runs of each batch item that the ``"triton"`` fused regions reduce over (cached with
-    the coordinates); None where they are not used."""
-    if not (kern.triton and x.feats.is_cuda):
-        return None
-    chunks = x.get_spatial_cache("fused_row_chunks")
-    if chunks is None:
-        chunks = fused.row_chunks([s.stop - s.start for s in x.layout], x.feats.device)
-        x.register_spatial_cache("fused_row_chunks", chunks)
-    return chunks
-
-
 def per_batch_rows(x: SparseTensor, v: torch.Tensor) -> torch.Tensor:
     """Broadcasts per-batch vectors ``v [B, K]`` to the rows of ``x``: ``[N, K]``, row i = ``v[batch(i)]``."""
     _check_per_batch(x, v)
@@ -136,17 +124,15 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
         """The same maths as :meth:`_forward` with the element-wise work in fused regions."""
         _check_per_batch(x, mod6)
         ids = x.batch_ids
-        ch = fused_row_chunks(x, kern)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod6.chunk(6, dim=1)  # [B, C] each
-        h = fused.add_layer_norm(x.feats, ids, kern, shift=shift_msa, scale=scale_msa, eps=self.norm1.eps, chunks=ch)
+        h = fused.add_layer_norm(x.feats, ids, kern, shift=shift_msa, scale=scale_msa, eps=self.norm1.eps)
         h = self.self_attn(x.replace(h)).feats
         feats, h = fused.add_layer_norm(x.feats, ids, kern, h=h, gate=gate_msa, weight=self.norm2.weight,
-                                        bias=self.norm2.bias, eps=self.norm2.eps, chunks=ch)
+                                        bias=self.norm2.bias, eps=self.norm2.eps)
         h = self.cross_attn(x.replace(h), context).feats
-        feats, h = fused.add_layer_norm(feats, ids, kern, h=h, shift=shift_mlp, scale=scale_mlp, eps=self.norm3.eps,
-                                        chunks=ch)
+        feats, h = fused.add_layer_norm(feats, ids, kern, h=h, shift=shift_mlp, scale=scale_mlp, eps=self.norm3.eps)
         h = self.mlp(h)
-        return x.replace(fused.gated_residual(feats, h, gate_mlp, ids, kern, chunks=ch))
+        return x.replace(fused.gated_residual(feats, h, gate_mlp, ids, kern))
 
     def _forward(self, x: SparseTensor, mod: torch.Tensor, context: torch.Tensor) -> SparseTensor:
         mod6 = mod if self.share_mod else self.adaLN_modulation(mod)  # [B, 6C]
