@@ -9,7 +9,8 @@ residuals, the q/k RMS norm. This module offers that work as small pure-tensor f
 * :func:`add_layer_norm`: ``res = x + gate[b] * h`` (or ``x + h``, or just ``x``), then
   ``y = LN(res)`` (statistics in float32, optional affine) ``* (1 + scale[b]) + shift[b]``;
 * :func:`gated_residual`: ``x + gate[b] * h``;
-* :func:`rms_norm_heads`: the per-head q/k RMS norm of ``MultiHeadRMSNorm``.
+* :func:`rms_norm_heads`: the per-head q/k RMS norm of ``MultiHeadRMSNorm``; :func:`rms_norm_qk`
+  both of an attention's norms in one region.
 
 The per-voxel rows ``v[batch_ids]`` are gathered inside the region, never materialised as
 ``[N, 6C]``. The first two are ``torch.autograd.Function``\\ s with a hand-written backward whose
@@ -51,6 +52,7 @@ __all__ = [
     "fused_kernels",
     "gated_residual",
     "rms_norm_heads",
+    "rms_norm_qk",
     "segment_sum",
     "set_fused",
 ]
@@ -233,6 +235,10 @@ def _gated_residual_bwd(g, h, gate, ids):
     return g_h, g_gate
 
 
+def _rms_norm_qk(q, k, gamma_q, gamma_k, scale: float):
+    return _rms_norm_heads(q, gamma_q, scale), _rms_norm_heads(k, gamma_k, scale)
+
+
 def _rms_norm_heads(x, gamma, scale: float):
     return (F.normalize(x.float(), dim=-1) * gamma.float() * scale).to(x.dtype)  # MultiHeadRMSNorm's maths
 
@@ -243,7 +249,7 @@ _BODIES = {
     "add_modnorm_fwd": _add_modnorm_fwd, "add_modnorm_bwd": _add_modnorm_bwd,
     "add_norm_fwd": _add_norm_fwd, "add_norm_bwd": _add_norm_bwd,
     "gated_residual_fwd": _gated_residual_fwd, "gated_residual_bwd": _gated_residual_bwd,
-    "rms_norm_heads": _rms_norm_heads,
+    "rms_norm_heads": _rms_norm_heads, "rms_norm_qk": _rms_norm_qk,
 }
 
 
@@ -420,3 +426,11 @@ def rms_norm_heads(x: torch.Tensor, gamma: torch.Tensor, scale: float, kern: _Ke
     region (autograd by ``torch.compile`` in the compiled mode). ``x [N, H, d]``, ``gamma [H, d]``."""
     kern.mark_rows(x)
     return kern.rms_norm_heads(x, gamma, scale)
+
+
+def rms_norm_qk(q: torch.Tensor, k: torch.Tensor, gamma_q: torch.Tensor, gamma_k: torch.Tensor, scale: float,
+                kern: _Kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rms_norm_heads` of ``q`` and of ``k`` as one region (one compiled call and one compiled
+    backward instead of two each: the host time of a region call is what a small micro-batch waits on)."""
+    kern.mark_rows(q, k)
+    return kern.rms_norm_qk(q, k, gamma_q, gamma_k, scale)

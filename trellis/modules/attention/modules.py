@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trellis.modules.attention.norm import MultiHeadRMSNorm
+from trellis.modules.attention.norm import MultiHeadRMSNorm, rms_norm_qk
 from trellis.modules.attention.rope import RotaryPositionEmbedder
 from trellis.modules.attention.varlen import dense_attention
 
@@ -113,8 +113,7 @@ class MultiHeadAttention(nn.Module):
             kv = self.to_kv(context).view(B, context.shape[1], 2, H, d)  # [B, Lc, 2C] -> [B, Lc, 2, H, d]
             k, v = kv.unbind(dim=2)
         if self.qk_rms_norm:
-            q = self.q_rms_norm(q)
-            k = self.k_rms_norm(k)
+            q, k = rms_norm_qk(self.q_rms_norm, self.k_rms_norm, q, k)
         if self.use_rope:
             q, k = self.rope(q, k, indices)
         h = dense_attention(q, k, v)  # [B, L, H, d]

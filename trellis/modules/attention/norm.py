@@ -10,7 +10,7 @@ from torch import nn
 
 from trellis.modules import fused
 
-__all__ = ["MultiHeadRMSNorm"]
+__all__ = ["MultiHeadRMSNorm", "rms_norm_qk"]
 
 
 class MultiHeadRMSNorm(nn.Module):
@@ -54,3 +54,12 @@ class MultiHeadRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}"
+
+
+def rms_norm_qk(q_norm: MultiHeadRMSNorm, k_norm: MultiHeadRMSNorm, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_norm(q), k_norm(k))``; one fused region for both when their fused setting is the same."""
+    kern = fused.fused_kernels(q_norm)
+    if kern is not None and fused.fused_kernels(k_norm) is kern and q_norm.scale == k_norm.scale:
+        return fused.rms_norm_qk(q, k, q_norm.gamma, k_norm.gamma, q_norm.scale, kern)
+    return q_norm(q), k_norm(k)

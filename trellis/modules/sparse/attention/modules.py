@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from trellis.modules.attention.modules import add_projections
+from trellis.modules.attention.norm import rms_norm_qk
 from trellis.modules.attention.rope import RotaryPositionEmbedder
 from trellis.modules.attention.varlen import attention_with_plan, packed_attention_with_plan
 from trellis.modules.sparse.attention.partition import (
@@ -160,8 +161,7 @@ class SparseMultiHeadAttention(nn.Module):
             k, v = kv.unbind(dim=1)
             plan = cross_plan(x, context)
         if self.qk_rms_norm:
-            q = self.q_rms_norm(q)
-            k = self.k_rms_norm(k)
+            q, k = rms_norm_qk(self.q_rms_norm, self.k_rms_norm, q, k)
         if self.use_rope:
             ang = self.rope.angles(x.coords[:, 1:])  # [N, d/2]
             q, k = self.rope.rotate(q, ang), self.rope.rotate(k, ang)

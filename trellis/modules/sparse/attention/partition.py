@@ -48,17 +48,18 @@ def cross_plan(x: SparseTensor, context: torch.Tensor | SparseTensor) -> VarlenP
 
     ``context`` is dense ``[B, L, C_ctx]`` (flattened to ``B * L`` rows by the caller) or a SparseTensor.
     """
-    cu_q = _cu_from_counts(x.batch_counts)
     if isinstance(context, SparseTensor):
         if context.batch_size != x.batch_size:
             raise ValueError(f"cross-attention: context has batch size {context.batch_size}, x has {x.batch_size}")
+        cu_q = _cu_from_counts(x.batch_counts)
         return VarlenPlan(cu_q, _cu_from_counts(context.batch_counts.to(cu_q.device)))
     B, L = context.shape[0], context.shape[1]
     if B != x.batch_size:
         raise ValueError(f"cross-attention: context has batch size {B}, x has {x.batch_size}")
     key = f"attn_cross_dense_{L}"
     plan = x.get_spatial_cache(key)
-    if plan is None:
+    if plan is None:  # built once per coordinate set and context length: every block reuses it
+        cu_q = _cu_from_counts(x.batch_counts)
         cu_kv = (torch.arange(B + 1, device=cu_q.device) * L).to(torch.int32)
         plan = VarlenPlan(cu_q, cu_kv)
         x.register_spatial_cache(key, plan)
