@@ -8,7 +8,9 @@
 #
 # With several GPUs the steps run side by side, one lane per GPU (CUDA_VISIBLE_DEVICES), so the whole
 # check fits in one call; the scaling benchmark then runs alone on all of them. Benchmarks of one lane
-# share the host (CPU, PCIe) with the other lanes: compare rows within one run.
+# share the host (CPU, PCIe) with the other lanes: compare rows within one run. Host-bound rows (the
+# SLat flow step with the config's batch_split 4, see docs/PERFORMANCE_flow.md) move with the CPU load
+# of the other lanes by up to 1.6x: time them alone (GPU_CHECK_ONLY=train GPU_CHECK_LANES=1).
 #
 # Uses the python that has torch with CUDA (PYTHON, default python3). Results go into docs/PERFORMANCE.md
 # by hand, with the card and the date.
