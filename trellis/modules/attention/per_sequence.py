@@ -5,8 +5,8 @@ fastest dense kernel on each sequence, on an H100/H200 cuDNN's: on 8 sequences o
 dim 64, 297 TFLOP/s forward + backward against 240 for the Triton varlen kernels and 224 for
 FlashAttention-2 varlen (an H200, docs/PERFORMANCE_attention.md). For cross-attention to 1374 tokens
 it was slower than Triton. No padding and no mask: sequence i is rows
-``cu_seqlens[i]:cu_seqlens[i+1]``, viewed as ``[1, H, L_i, d]`` (rows gathered first when the plan
-has an index). One launch per sequence, so it is only worth it for long ones; ``backend.select_backend``
+``cu_seqlens[i]:cu_seqlens[i+1]``, viewed as ``[1, H, L_i, d]`` (the caller, ``varlen``, gathers
+the rows into sequence order first when the plan has an index). One launch per sequence, so it is only worth it for long ones; ``backend.select_backend``
 decides.
 
 Gradients: slicing a tensor S times makes autograd build S full-size zero tensors for the input's
@@ -65,44 +65,28 @@ def _attend(qs, ks, vs, scale: float, T_q: int, like: torch.Tensor) -> torch.Ten
     return torch.cat(outs)  # the non-empty query sequences cover all T_q rows, in order
 
 
-def _gathered(plan, q, k, v):
-    """q, k, v with their rows in sequence order (an index_select when the plan gathers rows)."""
-    if plan.index_q is not None:
-        q = q.index_select(0, plan.index_q.to(q.device))
-    if plan.index_kv is not None:
-        k = k.index_select(0, plan.index_kv.to(k.device))
-        v = v.index_select(0, plan.index_kv.to(v.device))
-    return q, k, v
-
-
-def _restore(plan, out: torch.Tensor) -> torch.Tensor:
-    return out if plan.index_q is None else out.index_select(0, plan.inverse_q(out.device))
-
-
-def per_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, scale: float) -> torch.Tensor:
-    """``attention_with_plan`` with one SDPA call per sequence: q ``[T_q, H, d]``, k/v ``[T_kv, H, d]``."""
-    q, k, v = _gathered(plan, q, k, v)
-    live = [i for i, n in enumerate(plan.lens_q) if n > 0]
+def per_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: list[int], lens_kv: list[int],
+                           scale: float) -> torch.Tensor:
+    """One SDPA call per sequence: q ``[T_q, H, d]``, k/v ``[T_kv, H, d]`` with each sequence's rows
+    contiguous and in order (``lens_q`` / ``lens_kv`` rows each) -> ``[T_q, H, d]``."""
+    live = [i for i, n in enumerate(lens_q) if n > 0]
     if not live:
         return q.new_zeros(q.shape)
-    bq, bk = _bounds(plan.lens_q), _bounds(plan.lens_kv)
+    bq, bk = _bounds(lens_q), _bounds(lens_kv)
     pq = tuple((*bq[i], None) for i in live)
     pk = tuple((*bk[i], None) for i in live)
-    kv_all = sum(plan.lens_kv[i] for i in live) == k.shape[0]
+    kv_all = sum(lens_kv[i] for i in live) == k.shape[0]
     qs = _Pieces.apply(q, pq, True)
     ks, vs = _Pieces.apply(k, pk, kv_all), _Pieces.apply(v, pk, kv_all)
-    return _restore(plan, _attend(qs, ks, vs, scale, plan.num_q, q))
+    return _attend(qs, ks, vs, scale, q.shape[0], q)
 
 
-def per_sequence_packed_attention(qkv: torch.Tensor, plan, scale: float) -> torch.Tensor:
-    """Self-attention over ``qkv [T, 3, H, d]`` with one SDPA call per sequence; the gradient of
-    ``qkv`` is one buffer."""
-    if plan.index_q is not None:
-        qkv = qkv.index_select(0, plan.index_q.to(qkv.device))
-    live = [b for b, n in zip(_bounds(plan.lens_q), plan.lens_q) if n > 0]
+def per_sequence_packed_attention(qkv: torch.Tensor, lens: list[int], scale: float) -> torch.Tensor:
+    """Self-attention over ``qkv [T, 3, H, d]`` (rows in sequence order) with one SDPA call per
+    sequence; the gradient of ``qkv`` is one buffer."""
+    live = [b for b, n in zip(_bounds(lens), lens) if n > 0]
     S = len(live)
     if S == 0:
         return qkv.new_zeros(qkv[:, 0].shape)
     views = _Pieces.apply(qkv, tuple((s, e, j) for j in range(3) for s, e in live), True)
-    out = _attend(views[:S], views[S:2 * S], views[2 * S:], scale, plan.num_q, qkv[:, 0])
-    return _restore(plan, out)
+    return _attend(views[:S], views[S:2 * S], views[2 * S:], scale, qkv.shape[0], qkv[:, 0])

@@ -238,6 +238,11 @@ def _gather(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return x if index is None else x.index_select(0, index.to(x.device))
 
 
+def _restore(out: torch.Tensor, plan: VarlenPlan) -> torch.Tensor:
+    """Outputs in sequence order -> the input row order (undoes the gather of ``index_q``)."""
+    return out if plan.index_q is None else out.index_select(0, plan.inverse_q(out.device))
+
+
 def _attention_fused(q, k, v, plan: VarlenPlan, scale: float, backend: str) -> torch.Tensor:
     """Backends that take packed contiguous sequences: gather, call the kernel, scatter back."""
     qg, kg, vg = _gather(q, plan.index_q), _gather(k, plan.index_kv), _gather(v, plan.index_kv)
@@ -254,6 +259,8 @@ def _attention_fused(q, k, v, plan: VarlenPlan, scale: float, backend: str) -> t
         from flash_attn import flash_attn_varlen_func
 
         out = flash_attn_varlen_func(qg, kg, vg, cu_q, cu_kv, plan.max_q, plan.max_kv, softmax_scale=scale)
+    elif backend == "torch_seq":
+        out = per_sequence_attention(qg, kg, vg, plan.lens_q, plan.lens_kv, scale)
     elif backend == "xformers":
         from xformers.ops import fmha
 
@@ -261,9 +268,7 @@ def _attention_fused(q, k, v, plan: VarlenPlan, scale: float, backend: str) -> t
         out = fmha.memory_efficient_attention(qg[None], kg[None], vg[None], attn_bias=bias, scale=scale)[0]
     else:
         raise ValueError(f"unknown fused attention backend {backend!r}")
-    if plan.index_q is not None:
-        out = out.index_select(0, plan.inverse_q(q.device))
-    return out
+    return _restore(out, plan)
 
 
 def attention_with_plan(
@@ -297,8 +302,6 @@ def attention_with_plan(
         from trellis.modules.attention.triton_varlen import triton_varlen_attention
 
         return triton_varlen_attention(q, k, v, plan, scale)
-    if backend == "torch_seq":
-        return per_sequence_attention(q, k, v, plan, scale)
     return _attention_fused(q, k, v, plan, scale, backend)
 
 
@@ -328,7 +331,8 @@ def packed_attention_with_plan(
 
         return triton_packed_attention(qkv, plan, scale)
     if backend == "torch_seq":
-        return per_sequence_packed_attention(qkv, plan, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return _restore(per_sequence_packed_attention(_gather(qkv, plan.index_q), plan.lens_q, scale), plan)
     return attention_with_plan(q, k, v, plan, scale=scale, backend=backend, sparse=sparse)
 
 
