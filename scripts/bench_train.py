@@ -6,10 +6,12 @@ sizes (8 per GPU; SLat in 4 balanced micro-batches), ``fp16_mode`` inflat_all an
 adaptive clipping, AdamW, EMA. Synthetic inputs already on the GPU: SS latents [8, 8, 16^3]; SLat
 = 8 objects, each the union of 3 superellipsoid shells on 64^3 (~15.8k voxels); condition tokens
 [8, 1374, 1024] (the DINOv2 encoder is not timed). No elastic checkpointing (as the original's
-reference numbers). CUDA events after warm-up, median of the repetitions. Two timings: each step
+reference numbers). CUDA events after warm-up, median of the repetitions. Three timings: each step
 alone (events around one step, synchronised after it), and pipelined (events around blocks of
 ``--pipe_block`` steps with no synchronisation inside, as ``Trainer.run`` runs them: the host queues
-the next step while the GPU finishes the last; per-step time = block time / block length).
+the next step while the GPU finishes the last; per-step time = block time / block length), and the
+model forward + backward alone (``Trainer.forward_backward``: no clipping, optimizer or EMA; the
+conditions of the original's reference numbers).
 
 Model FLOPs = 3 x forward (linear 2 x rows x in x out; sparse conv 2 x active pairs x C_in x C_out;
 attention 4 L^2 C self, 4 L L_cond C cross); MFU against the bf16 matmul peak measured in the run.
@@ -181,9 +183,51 @@ def find_syncs(trainer, fresh) -> list[str]:
     return [f"{n}x {k}" for k, n in seen.most_common()]
 
 
+KINDS = (  # kernel name pieces -> kind, first match wins
+    ("attention", ("attention", "sdpa", "flash", "fmha", "_attn", "compute_dot_do_o", "convert_dq")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "splitk")),
+    ("optimizer / EMA / clipping", ("multi_tensor_apply", "foreach", "adam", "lerp")),
+    ("sparse conv", ("conv",)),
+    ("compiled element-wise (Triton)", ("triton_",)),
+)
+
+
+def kernel_kinds(prof) -> str:
+    """GPU time of one profiled step by kernel kind, and how much of the step's span the GPU was idle."""
+    sums, spans, count = {}, [], 0
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time_total <= 0:
+            continue
+        name = ev.name.lower()
+        kind = next((k for k, keys in KINDS if any(p in name for p in keys)), "other")
+        sums[kind] = sums.get(kind, 0.0) + ev.device_time_total / 1e3
+        spans.append((ev.time_range.start, ev.time_range.end))
+        count += 1
+    if not spans:
+        return "no GPU events\n"
+    spans.sort()
+    busy, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    busy += cur_e - cur_s
+    wall = (spans[-1][1] - spans[0][0]) / 1e3
+    lines = [f"{'kind':34s} {'GPU ms':>9s} {'share':>7s}"]
+    total = sum(sums.values())
+    for k, v in sorted(sums.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{k:34s} {v:9.2f} {100 * v / total:6.1f}%")
+    lines.append(f"{'kernels':34s} {count:9d}")
+    lines.append(f"{'first kernel start to last end':34s} {wall:9.2f} ms; GPU busy {busy / 1e3:.2f} ms, "
+                 f"idle {wall - busy / 1e3:.2f} ms")
+    return "\n".join(lines) + "\n"
+
+
 def bench(which: str, mode: str, steps: int, device: torch.device, compile_model: bool | dict,
           profile_dir: str | None = None, pipe_block: int = 4, pipe_reps: int = 5, find: bool = False,
-          batch_split: int | None = None, fresh_coords: bool = False) -> dict:
+          batch_split: int | None = None, fresh_coords: bool = False, profile_rows: int = 40) -> dict:
     with open(os.path.join(ROOT, "configs", "generation", CONFIGS[which] + ".json")) as f:
         cfg = json.load(f)
     spec = cfg["models"]["denoiser"]
@@ -235,6 +279,18 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
             torch.cuda.synchronize()
             times.append(s.elapsed_time(e) / 1e3)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        # Model forward + backward only (the conditions of the original's reference numbers): the
+        # same micro-batches, no clipping, optimizer or EMA.
+        fb_times = []
+        for _ in range(steps):
+            trainer.policy.zero_grad()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            trainer.forward_backward(fresh())
+            e.record()
+            torch.cuda.synchronize()
+            fb_times.append(s.elapsed_time(e) / 1e3)
+        trainer.drain_checks()
         # Pipelined: blocks of steps between two events, no host sync inside a block, as in
         # Trainer.run (the step never waits for the GPU, so the host queues step n+1 while the GPU
         # still runs step n). Per-step time = block time / block length; median over the blocks.
@@ -273,10 +329,13 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
             stem = os.path.join(profile_dir, f"profile_{which}_{mode}{'_compile' if compile_model else ''}")
             # GPU time per kernel, and host time per op (what a launch-bound step spends its time on)
             for sort, suffix in (("cuda_time_total", ""), ("self_cpu_time_total", "_host")):
-                table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+                table = prof.key_averages().table(sort_by=sort, row_limit=profile_rows, max_name_column_width=70)
                 with open(f"{stem}{suffix}.txt", "w") as f:
                     f.write(table)
+            with open(f"{stem}_kinds.txt", "w") as f:
+                f.write(kernel_kinds(prof))
     t = statistics.median(times)
+    t_fb = statistics.median(fb_times)
     tp = statistics.median(piped) if piped else float("nan")
     tokens = x_all.feats.shape[0] if sparse else 8 * (spec["args"]["resolution"] // spec["args"]["patch_size"]) ** 3
     del trainer, model
@@ -294,6 +353,7 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
         label += f"+TRELLIS_FUSED={os.environ['TRELLIS_FUSED']}"
     return {"config": CONFIGS[which], "mode": label, "step_ms": t * 1e3,
             "spread_ms": (max(times) - min(times)) * 1e3, "step_ms_pipelined": tp * 1e3,
+            "fwd_bwd_ms": t_fb * 1e3, "fwd_bwd_spread_ms": (max(fb_times) - min(fb_times)) * 1e3,
             "pipelined_spread_ms": (max(piped) - min(piped)) * 1e3 if piped else float("nan"),
             # host time to queue one step. Not a verdict on its own: a GPU-bound host also blocks, in
             # launches once the CUDA launch queue is full, so this is close to the step time either way
@@ -327,6 +387,7 @@ def main() -> None:
                     help="run one more step with torch.cuda.set_sync_debug_mode and list the synchronising calls")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile_dir", default=None, help="write a kernel table of one profiled step per run here")
+    ap.add_argument("--profile_rows", type=int, default=40, help="rows of the --profile_dir tables")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA device")
@@ -341,8 +402,9 @@ def main() -> None:
     rows = []
     for which, mode, comp in runs:
         r = bench(which, mode, args.steps, device, comp, args.profile_dir, args.pipe_block, args.pipe_reps,
-                  args.find_syncs, args.batch_split, args.fresh_coords)
+                  args.find_syncs, args.batch_split, args.fresh_coords, args.profile_rows)
         r["mfu"] = r["tflop_step"] / (r["step_ms"] / 1e3) / peak
+        r["mfu_fwd_bwd"] = r["tflop_step"] / (r["fwd_bwd_ms"] / 1e3) / peak
         r["mfu_pipelined"] = r["tflop_step"] / (r["step_ms_pipelined"] / 1e3) / peak
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -351,12 +413,13 @@ def main() -> None:
             json.dump({"card": torch.cuda.get_device_name(device), "peak_tflops": peak, "rows": rows}, f, indent=1)
     print(f"\n{torch.cuda.get_device_name(device)}, bf16 peak {peak:.0f} TFLOP/s")
     print("| config | fp16_mode | step (ms) | steps/s | tokens/s | TFLOP/step | MFU | pipelined step (ms) | "
-          "pipelined MFU | peak memory (GiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "pipelined MFU | fwd+bwd only (ms) | fwd+bwd MFU | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['mode']} | {r['step_ms']:.1f} | {r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} "
               f"| {r['tflop_step']:.1f} | {100 * r['mfu']:.1f}% | {r['step_ms_pipelined']:.1f} "
-              f"| {100 * r['mfu_pipelined']:.1f}% | {r['peak_gib']:.1f} |")
+              f"| {100 * r['mfu_pipelined']:.1f}% | {r['fwd_bwd_ms']:.1f} | {100 * r['mfu_fwd_bwd']:.1f}% "
+              f"| {r['peak_gib']:.1f} |")
 
 
 if __name__ == "__main__":

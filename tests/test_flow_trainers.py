@@ -226,3 +226,25 @@ def test_nan_loss_on_cuda_is_reported_at_the_next_step(root, tmp_path):
     tr.step = 1
     with pytest.raises(FloatingPointError, match=r"step 0 on rank 0 .*#"):
         tr.run_step(tr.to_device(next(data)))
+
+
+def test_forward_backward_is_run_step_without_the_update(root, tmp_path):
+    """``forward_backward`` (what bench_train times as "forward + backward only") leaves the
+    parameters alone and accumulates the gradients that ``run_step`` then clips and applies: the
+    same batch and keys give the same loss and the same gradients."""
+    cfg = config("TextConditionedFlowMatchingCFGTrainer", False, "TextConditionedSparseStructureLatent",
+                 {"text_cond_model": "tiny"}, batch_split=2, grad_clip=None)
+    tr = build(cfg, root, tmp_path / "fb")
+    tr._seed_step()
+    batch = next(tr.batches())
+    model = tr.models["denoiser"]
+    before = [p.detach().clone() for p in model.parameters()]
+    tr.policy.zero_grad()
+    terms = tr.forward_backward(copy.deepcopy(batch))
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert any(bool(g.abs().sum() > 0) for g in grads)
+    m = tr.run_step(copy.deepcopy(batch))
+    assert m["loss/loss"] == terms["loss/loss"]
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -381,11 +381,12 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
             if not math.isfinite(x):
                 raise FloatingPointError(message(x))
 
-    def run_step(self, batch: Any) -> dict[str, Any]:
-        self.drain_checks()  # the previous step's, long finished on the GPU by now
+    def forward_backward(self, batch: Any) -> dict[str, Any]:
+        """Forward and backward of every micro-batch of ``batch`` (``batch_split``), gradients
+        accumulated into the models' ``.grad``; returns the loss terms and status values averaged
+        over the micro-batches. No clipping, optimizer or EMA (``run_step`` does those); on its own
+        it is what a "forward + backward" benchmark times."""
         micro = self.split_batch(batch)
-        self.policy.zero_grad()
-        metrics: dict[str, Any] = {}
         acc = MetricAccumulator()
         for i, mb in enumerate(micro):
             self.sample_keys = mb.pop("_index", None) if isinstance(mb, dict) else None
@@ -400,7 +401,12 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
                     terms, status = self.training_losses(**mb)
                 self.policy.backward(terms["loss"] / len(micro))
             acc.add({"loss": {k: v for k, v in terms.items()}, "status": status})
-        metrics.update({k: v / c for k, v in acc.sums.items() for c in [acc.counts[k]]})
+        return {k: v / c for k, v in acc.sums.items() for c in [acc.counts[k]]}
+
+    def run_step(self, batch: Any) -> dict[str, Any]:
+        self.drain_checks()  # the previous step's, long finished on the GPU by now
+        self.policy.zero_grad()
+        metrics: dict[str, Any] = self.forward_backward(batch)
         # No host synchronisation from here on: `finite` stays on the device (see trainers/precision.py).
         grad_norm, finite = self.policy.unscale_and_clip(self.clipper)
         self.policy.step(self.optimizer, finite)
