@@ -1,33 +1,33 @@
-"""Fused element-wise regions of the transformer blocks, compiled one region at a time.
+"""Fused regions of the transformer blocks, compiled one region at a time.
 
 The sparse SLat flow model cannot go through ``torch.compile`` as a whole (the ``SparseTensor``
-caches do not survive dynamo), yet a third of its training step is element-wise work around the
-matmuls and the attention: float32 LayerNorms, the adaLN modulation gathered per voxel, gated
-residuals, the q/k RMS norm. This module offers that work as small pure-tensor functions on
-``feats [N, C]`` plus the row-to-batch map ``batch_ids [N]`` and per-batch vectors ``[B, C]``:
+caches do not survive dynamo). What it compiles instead are the stretches of each
+``ModulatedSparseTransformerCrossBlock`` between its two attentions, as pure-tensor functions of
+``feats [N, C]``, the row-to-batch map ``batch_ids [N]``, the per-batch modulation ``[B, 6C]`` and
+the block's parameters (passed in, so all 24 blocks share one graph per segment):
 
-* :func:`add_layer_norm`: ``res = x + gate[b] * h`` (or ``x + h``, or just ``x``), then
-  ``y = LN(res)`` (statistics in float32, optional affine) ``* (1 + scale[b]) + shift[b]``;
-* :func:`gated_residual`: ``x + gate[b] * h``;
-* :func:`rms_norm_heads`: the per-head q/k RMS norm of ``MultiHeadRMSNorm``; :func:`rms_norm_qk`
-  both of an attention's norms in one region.
+* ``_block_pre``: adaLN modulation, LN1 + modulation, the qkv projection, the q/k RMS norm;
+* ``_block_mid``: output projection + gated residual, LN2, the cross-attention's q, k, v projections;
+* ``_block_post``: output projection + residual, LN3 + modulation, the MLP, gated residual.
 
-The per-voxel rows ``v[batch_ids]`` are gathered inside the region, never materialised as
-``[N, 6C]``. The first two are ``torch.autograd.Function``\\ s with a hand-written backward whose
-per-batch gradients are segment sums over each batch item's rows, done as a one-hot GEMM
-(``[B, N] @ [N, C]``; deterministic, no atomics). Their forward and backward bodies are plain tensor
-functions, run eagerly or through ``torch.compile`` (which fuses each into one or two kernels); the
-RMS norm is compiled with its autograd.
+Per block the host then makes three compiled calls and three compiled backward calls, where the
+block's modules made a dozen module calls, autograd nodes and small kernels each way: with the
+SLat config's ``batch_split: 4`` the step is bound by that host work (docs/PERFORMANCE_flow.md).
+The attentions run in between, uncompiled. Per-batch vectors are broadcast to the voxels by
+:class:`PerBatchRows` (a gather whose backward is a one-hot GEMM segment sum: deterministic, no
+atomics), inside the graphs, never materialised as ``[N, 6C]`` in the forward.
+:func:`rms_norm_heads` / :func:`rms_norm_qk` are the same for ``MultiHeadRMSNorm`` in other modules.
 
 Modes (per module, see :func:`set_fused`; the default follows the environment variable
 ``TRELLIS_FUSED``, read at every call):
 
 * ``"off"`` (``TRELLIS_FUSED`` unset, ``0``): the modules run their original code.
-* ``"eager"`` (``TRELLIS_FUSED=eager``): the fused functions, not compiled. The forward is
-  bit-for-bit the original maths; the gradients are the same up to rounding (float32 throughout).
-  A reference for tests and the CPU.
-* ``"compile"`` (``TRELLIS_FUSED=1``): the fused functions through ``torch.compile``. Rows and batch
-  size are marked dynamic (the channel width stays static), so varying token counts reuse one graph.
+* ``"eager"`` (``TRELLIS_FUSED=eager``): the fused functions, not compiled. Their expressions are
+  the modules' own in the same order: the forward is bit-for-bit the original. A reference for
+  tests and the CPU.
+* ``"compile"`` (``TRELLIS_FUSED=1``): the fused functions through ``torch.compile`` (their
+  autograd too). Rows and batch size are marked dynamic (the widths stay static), so varying token
+  counts and batch sizes reuse one graph.
 
 Inside a whole-model ``torch.compile`` (the dense models) the modules always run their original
 code and let the outer compile fuse it.
@@ -47,10 +47,9 @@ __all__ = [
     "FUSED_MODES",
     "FusedRegionsMixin",
     "FusedSetting",
-    "add_layer_norm",
+    "PerBatchRows",
     "env_fused_mode",
     "fused_kernels",
-    "gated_residual",
     "rms_norm_heads",
     "rms_norm_qk",
     "segment_sum",
@@ -116,26 +115,6 @@ class FusedRegionsMixin:
 # Pure tensor functions. Each public entry point has its own top-level function (its own code
 # object), so each gets its own dynamo cache and recompile budget.
 # ---------------------------------------------------------------------------------------------
-def _residual(x: torch.Tensor, h: torch.Tensor | None, gate: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
-    if h is None:
-        return x
-    if gate is None:
-        return x + h
-    return x + gate[ids] * h  # the same values and rounding as x + gate_rows * h
-
-
-def _norm(res: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-          shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float):
-    """``LayerNorm32`` (float32 statistics, output cast back) then the adaLN modulation."""
-    w = weight.float() if weight is not None else None
-    b = bias.float() if bias is not None else None
-    y, mean, rstd = torch.native_layer_norm(res.float(), (res.shape[-1],), w, b, eps)  # = F.layer_norm
-    y = y.to(res.dtype)
-    if scale is not None:
-        y = y * (1 + scale)[ids] + shift[ids]  # (1 + scale)[ids] == 1 + scale[ids], element by element
-    return y, mean, rstd
-
-
 def _segment_sum(v: torch.Tensor, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     """``out[b] = sum of v[i] over the rows i with ids[i] == b``: ``one_hot(ids).T @ v``, ``[B, K]``."""
     one_hot = (ids[:, None] == torch.arange(batch_size, device=ids.device)[None, :]).to(v.dtype)  # [N, B]
@@ -147,92 +126,78 @@ def segment_sum(v: torch.Tensor, ids: torch.Tensor, batch_size: int) -> torch.Te
     return _segment_sum(v, ids, batch_size)
 
 
-def _add_norm_backward(g_res, g_y, res, h, gate, ids, mean, rstd, weight, shift, scale, x_dtype):
-    """Gradients of :func:`_residual` + :func:`_norm`, all arithmetic in float32.
+class PerBatchRows(torch.autograd.Function):
+    """``v[batch_ids]`` (``[B, K]`` -> ``[N, K]``) whose backward is :func:`segment_sum`.
 
-    Returns ``(g_x, g_h, g_gate, g_weight, g_bias, g_shift, g_scale)`` (None where not applicable).
+    The default backward of an index gather scatters with heavily repeated indices (every voxel
+    of a batch item hits the same row), which CUDA serialises; on the SLat flow model L it took
+    half of the GPU time of a training step. The one-hot GEMM does the same segment sum fast and
+    deterministically. Dynamo traces it, so the compiled block segments below use it too.
     """
-    gy = g_y.float()
-    xhat = (res.float() - mean) * rstd  # [N, C]
-    g_shift = g_scale = g_weight = g_bias = None
-    if scale is not None:  # modulated LN has no affine (checked by add_layer_norm)
-        B = scale.shape[0]
-        g_n = gy * (1 + scale)[ids].float()
-        g_shift = _segment_sum(g_y.to(shift.dtype), ids, B)
-        g_scale = _segment_sum((gy * xhat).to(scale.dtype), ids, B)
-    else:
-        g_n = gy
-    if weight is not None:
-        g_weight = (g_n * xhat).sum(0).to(weight.dtype)
-        g_bias = g_n.sum(0).to(weight.dtype)
-        g_xhat = g_n * weight.float()
-    else:
-        g_xhat = g_n
-    g_x = rstd * (g_xhat - g_xhat.mean(-1, keepdim=True) - xhat * (g_xhat * xhat).mean(-1, keepdim=True))
-    if g_res is not None:
-        g_x = g_x + g_res.float()
-    g_h = g_gate = None
-    if h is not None:
-        if gate is None:
-            g_h = g_x.to(h.dtype)
-        else:
-            g_h = (g_x * gate[ids].float()).to(h.dtype)
-            g_gate = _segment_sum((g_x * h.float()).to(gate.dtype), ids, gate.shape[0])
-    return g_x.to(x_dtype), g_h, g_gate, g_weight, g_bias, g_shift, g_scale
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, batch_ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(batch_ids)
+        ctx.batch_size = v.shape[0]
+        return v[batch_ids]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (batch_ids,) = ctx.saved_tensors
+        return _segment_sum(grad, batch_ids, ctx.batch_size), None  # [B, K]
 
 
-# Forward / backward bodies, one per use in the block (each its own code object, see above).
-def _modnorm_fwd(x, ids, shift, scale, eps):
-    """LN + modulation (no residual input)."""
-    return _norm(x, ids, None, None, shift, scale, eps)
+def _layer_norm32(x, weight, bias, eps: float):
+    """``LayerNorm32``: statistics and affine in float32, result in the input dtype."""
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
-def _modnorm_bwd(g_y, x, ids, mean, rstd, shift, scale):
-    return _add_norm_backward(None, g_y, x, None, None, ids, mean, rstd, None, shift, scale, x.dtype)
+def _modulated_norm(x, ids, shift, scale, eps: float):
+    """``LN(x) * (1 + scale[b]) + shift[b]`` (the block's ``norm1`` / ``norm3`` and adaLN)."""
+    return _layer_norm32(x, None, None, eps) * (1 + PerBatchRows.apply(scale, ids)) + PerBatchRows.apply(shift, ids)
 
 
-def _gated_add_norm_fwd(x, h, gate, ids, weight, bias, eps):
-    """Gated residual + affine LN."""
-    res = _residual(x, h, gate, ids)
-    y, mean, rstd = _norm(res, ids, weight, bias, None, None, eps)
-    return res, y, mean, rstd
+# The three segments of ``ModulatedSparseTransformerCrossBlock`` around its two attentions (see
+# the module docstring). The expressions are the block's ``_forward`` (and its modules'), in the
+# same order, so the eager mode is bit for bit the original forward.
+def _block_pre(feats, ids, mod, ada_w, ada_b, eps: float, w_qkv, b_qkv, gamma_q, gamma_k, rms_scale: float,
+               heads: int):
+    """adaLN modulation, LN1 + modulation, qkv projection (+ q/k RMS norm).
+    Returns ``(mod6 [B, 6C], qkv [N, 3, H, d])`` or ``(mod6, q, k, v)`` with the RMS norm."""
+    mod6 = mod if ada_w is None else F.linear(F.silu(mod), ada_w, ada_b)
+    shift, scale = mod6.chunk(6, dim=1)[:2]
+    h = _modulated_norm(feats, ids, shift, scale, eps)
+    qkv = F.linear(h, w_qkv, b_qkv).view(feats.shape[0], 3, heads, -1)  # [N, 3C] -> [N, 3, H, d]
+    if gamma_q is None:
+        return mod6, qkv
+    q, k, v = qkv.unbind(dim=1)
+    return mod6, _rms_norm_heads(q, gamma_q, rms_scale), _rms_norm_heads(k, gamma_k, rms_scale), v
 
 
-def _gated_add_norm_bwd(g_res, g_y, res, h, gate, ids, mean, rstd, weight, x_dtype):
-    return _add_norm_backward(g_res, g_y, res, h, gate, ids, mean, rstd, weight, None, None, x_dtype)
+def _block_mid(feats, ids, mod6, attn, w_out, b_out, n2_w, n2_b, eps: float, w_q, b_q, ctx, w_kv, b_kv,
+               gamma_q, gamma_k, rms_scale: float, heads: int):
+    """Self-attention output projection + gated residual, LN2 (affine), the cross-attention's q and
+    (from the context rows ``ctx [M, C_ctx]``) k, v (+ their RMS norm). Returns ``(feats, q, k, v)``."""
+    N, C = feats.shape
+    gate = mod6.chunk(6, dim=1)[2]
+    feats = feats + PerBatchRows.apply(gate, ids) * F.linear(attn.reshape(N, C), w_out, b_out)
+    q = F.linear(_layer_norm32(feats, n2_w, n2_b, eps), w_q, b_q).view(N, heads, -1)  # [N, C] -> [N, H, d]
+    k, v = F.linear(ctx, w_kv, b_kv).view(ctx.shape[0], 2, heads, -1).unbind(dim=1)  # [M, 2C] -> [M, 2, H, d]
+    if gamma_q is not None:
+        q, k = _rms_norm_heads(q, gamma_q, rms_scale), _rms_norm_heads(k, gamma_k, rms_scale)
+    return feats, q, k, v
 
 
-def _add_modnorm_fwd(x, h, ids, shift, scale, eps):
-    """Residual + LN + modulation."""
-    res = _residual(x, h, None, ids)
-    y, mean, rstd = _norm(res, ids, None, None, shift, scale, eps)
-    return res, y, mean, rstd
-
-
-def _add_modnorm_bwd(g_res, g_y, res, h, ids, mean, rstd, shift, scale, x_dtype):
-    return _add_norm_backward(g_res, g_y, res, h, None, ids, mean, rstd, None, shift, scale, x_dtype)
-
-
-def _add_norm_fwd(x, h, gate, ids, weight, bias, shift, scale, eps):
-    """Any other combination."""
-    res = _residual(x, h, gate, ids)
-    y, mean, rstd = _norm(res, ids, weight, bias, shift, scale, eps)
-    return res, y, mean, rstd
-
-
-def _add_norm_bwd(g_res, g_y, res, h, gate, ids, mean, rstd, weight, shift, scale, x_dtype):
-    return _add_norm_backward(g_res, g_y, res, h, gate, ids, mean, rstd, weight, shift, scale, x_dtype)
-
-
-def _gated_residual_fwd(x, h, gate, ids):
-    return x + gate[ids] * h
-
-
-def _gated_residual_bwd(g, h, gate, ids):
-    gf = g.float()
-    g_h = (gf * gate[ids].float()).to(h.dtype)
-    g_gate = _segment_sum((gf * h.float()).to(gate.dtype), ids, gate.shape[0])
-    return g_h, g_gate
+def _block_post(feats, ids, mod6, attn, w_out, b_out, eps: float, w1, b1, w2, b2):
+    """Cross-attention output projection + residual, LN3 + modulation, the MLP (GELU tanh), gated residual."""
+    N, C = feats.shape
+    shift, scale, gate = mod6.chunk(6, dim=1)[3:]
+    feats = feats + F.linear(attn.reshape(N, C), w_out, b_out)
+    h = _modulated_norm(feats, ids, shift, scale, eps)
+    h = F.linear(F.gelu(F.linear(h, w1, b1), approximate="tanh"), w2, b2)
+    return feats + PerBatchRows.apply(gate, ids) * h
 
 
 def _rms_norm_qk(q, k, gamma_q, gamma_k, scale: float):
@@ -244,12 +209,8 @@ def _rms_norm_heads(x, gamma, scale: float):
 
 
 _BODIES = {
-    "modnorm_fwd": _modnorm_fwd, "modnorm_bwd": _modnorm_bwd,
-    "gated_add_norm_fwd": _gated_add_norm_fwd, "gated_add_norm_bwd": _gated_add_norm_bwd,
-    "add_modnorm_fwd": _add_modnorm_fwd, "add_modnorm_bwd": _add_modnorm_bwd,
-    "add_norm_fwd": _add_norm_fwd, "add_norm_bwd": _add_norm_bwd,
-    "gated_residual_fwd": _gated_residual_fwd, "gated_residual_bwd": _gated_residual_bwd,
     "rms_norm_heads": _rms_norm_heads, "rms_norm_qk": _rms_norm_qk,
+    "block_pre": _block_pre, "block_mid": _block_mid, "block_post": _block_post,
 }
 
 
@@ -297,128 +258,6 @@ def fused_kernels(module: nn.Module) -> _Kernels | None:
     if setting.mode == "off":
         return None
     return _kernels_for(setting)
-
-
-def _no_autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Autograd functions
-# ---------------------------------------------------------------------------------------------
-class _AddNorm(torch.autograd.Function):
-    """``(res, y)`` of :func:`add_layer_norm`; only ``y`` when there is no residual input ``h``."""
-
-    @staticmethod
-    def forward(ctx, x, h, gate, ids, weight, bias, shift, scale, eps, kern):
-        ctx.set_materialize_grads(False)
-        kern.mark_rows(x, h, ids, gate, shift, scale)
-        with _no_autocast(x.device):
-            if h is None:
-                y, mean, rstd = kern.modnorm_fwd(x, ids, shift, scale, eps)
-                res = x
-            elif gate is not None and weight is not None and scale is None:
-                res, y, mean, rstd = kern.gated_add_norm_fwd(x, h, gate, ids, weight, bias, eps)
-            elif gate is None and weight is None and scale is not None:
-                res, y, mean, rstd = kern.add_modnorm_fwd(x, h, ids, shift, scale, eps)
-            else:
-                res, y, mean, rstd = kern.add_norm_fwd(x, h, gate, ids, weight, bias, shift, scale, eps)
-        ctx.kern = kern
-        ctx.has_h = h is not None
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(res, h, gate, ids, mean, rstd, weight, shift, scale)
-        if h is None:
-            return y
-        return res, y
-
-    @staticmethod
-    def backward(ctx, *grads):
-        res, h, gate, ids, mean, rstd, weight, shift, scale = ctx.saved_tensors
-        kern = ctx.kern
-        g_res, g_y = (grads if ctx.has_h else (None, grads[0]))
-        if g_y is None:  # y unused: only the residual sum carries gradient
-            if g_res is None:
-                return (None,) * 10
-            g_y = torch.zeros_like(res, dtype=torch.float32)
-        kern.mark_rows(g_res, g_y, res, h, ids, mean, rstd, gate, shift, scale)
-        with _no_autocast(res.device):
-            if not ctx.has_h:
-                grads = kern.modnorm_bwd(g_y, res, ids, mean, rstd, shift, scale)
-            elif gate is not None and weight is not None and scale is None:
-                grads = kern.gated_add_norm_bwd(g_res, g_y, res, h, gate, ids, mean, rstd, weight, ctx.x_dtype)
-            elif gate is None and weight is None and scale is not None:
-                grads = kern.add_modnorm_bwd(g_res, g_y, res, h, ids, mean, rstd, shift, scale, ctx.x_dtype)
-            else:
-                grads = kern.add_norm_bwd(g_res, g_y, res, h, gate, ids, mean, rstd, weight, shift, scale,
-                                          ctx.x_dtype)
-        g_x, g_h, g_gate, g_w, g_b, g_shift, g_scale = grads
-        return g_x, g_h, g_gate, None, g_w, g_b, g_shift, g_scale, None, None
-
-
-class _GatedResidual(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, h, gate, ids, kern):
-        kern.mark_rows(x, h, ids, gate)
-        with _no_autocast(x.device):
-            out = kern.gated_residual_fwd(x, h, gate, ids)
-        ctx.kern = kern
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(h, gate, ids)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        h, gate, ids = ctx.saved_tensors
-        kern = ctx.kern
-        kern.mark_rows(g, h, ids, gate)
-        with _no_autocast(g.device):
-            g_h, g_gate = kern.gated_residual_bwd(g, h, gate, ids)
-        return g.to(ctx.x_dtype), g_h, g_gate, None, None
-
-
-def _check_rows(name: str, x: torch.Tensor, ids: torch.Tensor, *per_batch: torch.Tensor | None) -> None:
-    if x.dim() != 2 or ids.shape != (x.shape[0],):
-        raise ValueError(f"{name}: expected x [N, C] and batch_ids [N], got {tuple(x.shape)} and {tuple(ids.shape)}")
-    sizes = {tuple(v.shape) for v in per_batch if v is not None}
-    if len(sizes) > 1 or any(len(s) != 2 or s[1] != x.shape[1] for s in sizes):
-        raise ValueError(f"{name}: per-batch vectors must all be [B, {x.shape[1]}], got {sorted(sizes)}")
-
-
-def add_layer_norm(x: torch.Tensor, batch_ids: torch.Tensor, kern: _Kernels, *, h: torch.Tensor | None = None,
-                   gate: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                   scale: torch.Tensor | None = None, eps: float = 1e-6):
-    """Residual sum and LayerNorm with adaLN modulation, fused.
-
-    ``res = x`` (``h`` None), ``x + h`` (``gate`` None) or ``x + gate[batch_ids] * h``; then
-    ``y = LN(res)`` over the last dim in float32 (affine ``weight``/``bias`` optional), cast to
-    ``res.dtype``, then ``* (1 + scale[batch_ids]) + shift[batch_ids]`` when ``scale`` is given.
-
-    Args: ``x``, ``h`` ``[N, C]``; ``batch_ids`` ``[N]`` int64 (rows of a batch item contiguous);
-    ``gate``, ``shift``, ``scale`` ``[B, C]``; ``weight``, ``bias`` ``[C]``; ``kern`` from
-    :func:`fused_kernels`. Returns ``y``, or ``(res, y)`` when ``h`` is given.
-    """
-    _check_rows("add_layer_norm", x, batch_ids, gate, shift, scale)
-    if (shift is None) != (scale is None):
-        raise ValueError("add_layer_norm: give both shift and scale, or neither")
-    if (weight is None) != (bias is None):
-        raise ValueError("add_layer_norm: give both weight and bias, or neither")
-    if weight is not None and scale is not None:
-        raise ValueError("add_layer_norm: affine LN together with the adaLN modulation is not supported")
-    if h is None and (gate is not None or weight is not None):
-        raise ValueError("add_layer_norm: without h only the modulated (non-affine) LN is fused")
-    if h is None and scale is None:
-        raise ValueError("add_layer_norm: nothing to fuse (no h and no modulation)")
-    return _AddNorm.apply(x, h, gate, batch_ids, weight, bias, shift, scale, float(eps), kern)
-
-
-def gated_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, batch_ids: torch.Tensor,
-                   kern: _Kernels) -> torch.Tensor:
-    """``x + gate[batch_ids] * h`` fused; ``x``, ``h`` ``[N, C]``, ``gate`` ``[B, C]``."""
-    _check_rows("gated_residual", x, batch_ids, gate)
-    if h.shape != x.shape:
-        raise ValueError(f"gated_residual: h {tuple(h.shape)} must match x {tuple(x.shape)}")
-    return _GatedResidual.apply(x, h, gate, batch_ids, kern)
 
 
 def rms_norm_heads(x: torch.Tensor, gamma: torch.Tensor, scale: float, kern: _Kernels) -> torch.Tensor:

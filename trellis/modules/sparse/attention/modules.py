@@ -106,7 +106,8 @@ class SparseMultiHeadAttention(nn.Module):
         if use_rope:
             self.rope = RotaryPositionEmbedder(self.head_dim, in_channels=3)
 
-    def _self_plan(self, x: SparseTensor):
+    def self_plan(self, x: SparseTensor):
+        """The self-attention partition of ``x`` for this module's mode (cached in ``x``)."""
         if self.attn_mode == "full":
             return full_plan(x)
         if self.attn_mode in ("swin", "windowed"):
@@ -115,6 +116,27 @@ class SparseMultiHeadAttention(nn.Module):
             x, int(self.window_size), self.serialize_mode, self.shift_sequence,
             as_triple(self.shift_window, "shift_window"),
         )
+
+    def context_rows(self, context: torch.Tensor | SparseTensor | None) -> torch.Tensor:
+        """Cross-attention context as rows ``[M, C_ctx]``: a SparseTensor's feats, or a dense
+        ``[B, L, C_ctx]`` flattened to ``B * L`` rows (checked)."""
+        if context is None:
+            raise ValueError("SparseMultiHeadAttention(type='cross'): context is required")
+        if isinstance(context, SparseTensor):
+            ctx = context.feats
+        else:
+            if context.dim() != 3:
+                raise ValueError(
+                    f"SparseMultiHeadAttention(type='cross'): dense context must be [B, L, {self.ctx_channels}], "
+                    f"got {tuple(context.shape)}"
+                )
+            ctx = context.reshape(-1, context.shape[-1])  # [B, L, C_ctx] -> [B*L, C_ctx]
+        if ctx.shape[-1] != self.ctx_channels:
+            raise ValueError(
+                f"SparseMultiHeadAttention(type='cross'): context has {ctx.shape[-1]} channels, "
+                f"expected {self.ctx_channels}"
+            )
+        return ctx
 
     def forward(self, x: SparseTensor, context: torch.Tensor | SparseTensor | None = None) -> SparseTensor:
         """x SparseTensor ``[N, C]``; context (cross only) dense ``[B, L, C_ctx]`` or SparseTensor ``[M, C_ctx]``.
@@ -134,29 +156,14 @@ class SparseMultiHeadAttention(nn.Module):
             if context is not None:
                 raise ValueError("SparseMultiHeadAttention(type='self'): context must be None")
             qkv = self.to_qkv(feats).view(N, 3, H, d)  # [N, 3C] -> [N, 3, H, d]
-            plan = self._self_plan(x)
+            plan = self.self_plan(x)
             if not (self.qk_rms_norm or self.use_rope):  # q, k, v stay one tensor: one gradient buffer
                 h = packed_attention_with_plan(qkv, plan)  # [N, H, d]
                 return x.replace(self.to_out(h.reshape(N, C)))  # [N, H, d] -> [N, C]
             q, k, v = qkv.unbind(dim=1)
         else:
-            if context is None:
-                raise ValueError("SparseMultiHeadAttention(type='cross'): context is required")
             q = self.to_q(feats).view(N, H, d)  # [N, C] -> [N, H, d]
-            if isinstance(context, SparseTensor):
-                ctx = context.feats
-            else:
-                if context.dim() != 3:
-                    raise ValueError(
-                        f"SparseMultiHeadAttention(type='cross'): dense context must be [B, L, {self.ctx_channels}], "
-                        f"got {tuple(context.shape)}"
-                    )
-                ctx = context.reshape(-1, context.shape[-1])  # [B, L, C_ctx] -> [B*L, C_ctx]
-            if ctx.shape[-1] != self.ctx_channels:
-                raise ValueError(
-                    f"SparseMultiHeadAttention(type='cross'): context has {ctx.shape[-1]} channels, "
-                    f"expected {self.ctx_channels}"
-                )
+            ctx = self.context_rows(context)
             kv = self.to_kv(ctx).view(ctx.shape[0], 2, H, d)  # [M, 2C] -> [M, 2, H, d]
             k, v = kv.unbind(dim=1)
             plan = cross_plan(x, context)

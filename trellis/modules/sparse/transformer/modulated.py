@@ -11,33 +11,14 @@ import torch
 from torch import nn
 
 from trellis.modules import fused
+from trellis.modules.attention.varlen import attention_with_plan, packed_attention_with_plan
 from trellis.modules.norm import LayerNorm32
 from trellis.modules.sparse.attention import SparseMultiHeadAttention
+from trellis.modules.sparse.attention.partition import cross_plan
 from trellis.modules.sparse.basic import SparseTensor
 from trellis.modules.transformer.blocks import FeedForwardNet, run_maybe_checkpointed
 
 __all__ = ["ModulatedSparseTransformerCrossBlock", "per_batch_rows"]
-
-
-class _PerBatchRows(torch.autograd.Function):
-    """Forward: gather ``v[batch_ids]``. Backward: ``one_hot(batch_ids).T @ grad``.
-
-    The default backward of an index gather scatters with heavily repeated indices (every voxel
-    of a batch item hits the same row), which CUDA serialises; on the SLat flow model L it took
-    half of the GPU time of a training step. The one-hot GEMM does the same segment sum fast and
-    deterministically.
-    """
-
-    @staticmethod
-    def forward(ctx, v: torch.Tensor, batch_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-        ctx.save_for_backward(batch_ids)
-        ctx.batch_size = batch_size
-        return v[batch_ids]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (batch_ids,) = ctx.saved_tensors
-        return fused.segment_sum(grad, batch_ids, ctx.batch_size), None, None  # [B, K]
 
 
 def _check_per_batch(x: SparseTensor, v: torch.Tensor) -> None:
@@ -50,7 +31,7 @@ def per_batch_rows(x: SparseTensor, v: torch.Tensor) -> torch.Tensor:
     _check_per_batch(x, v)
     if not (torch.is_grad_enabled() and v.requires_grad):
         return v[x.batch_ids]
-    return _PerBatchRows.apply(v, x.batch_ids, x.batch_size)
+    return fused.PerBatchRows.apply(v, x.batch_ids)
 
 
 class ModulatedSparseTransformerCrossBlock(nn.Module):
@@ -64,9 +45,10 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
     Keys (in order): ``norm2.*``, ``self_attn.*``, ``cross_attn.*``, ``mlp.mlp.{0,2}.*``,
     ``adaLN_modulation.1.*`` (absent with ``share_mod``).
 
-    Fused regions (``trellis.modules.fused``; ``fused_setting``, default ``TRELLIS_FUSED``): LN1 +
-    modulation; gated residual + LN2; residual + LN3 + modulation; gated residual. The per-batch
-    modulation is gathered per voxel inside each region (no ``[N, 6C]`` rows).
+    Fused (``trellis.modules.fused``; ``fused_setting``, default ``TRELLIS_FUSED``): everything
+    between the two attentions runs as three segments, linear layers included (adaLN + LN1 + qkv
+    + q/k norm; out projection + gated residual + LN2 + cross q, k, v; out projection + residual +
+    LN3 + MLP + gated residual), compiled once for all blocks. Same maths, same keys.
 
     Args:
         channels: C.
@@ -119,26 +101,43 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels, bias=True))
         self.fused_setting: fused.FusedSetting | None = None  # None: follow TRELLIS_FUSED
 
-    def _forward_fused(self, x: SparseTensor, mod6: torch.Tensor, context: torch.Tensor,
-                       kern: fused._Kernels) -> SparseTensor:
-        """The same maths as :meth:`_forward` with the element-wise work in fused regions."""
-        _check_per_batch(x, mod6)
+    def _forward_segments(self, x: SparseTensor, mod: torch.Tensor, context: torch.Tensor,
+                          kern: fused._Kernels) -> SparseTensor:
+        """The same maths as :meth:`_forward` as three fused segments around the two attentions
+        (``fused._block_pre`` / ``_block_mid`` / ``_block_post``), linear layers included."""
+        sa, ca = self.self_attn, self.cross_attn
         ids = x.batch_ids
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod6.chunk(6, dim=1)  # [B, C] each
-        h = fused.add_layer_norm(x.feats, ids, kern, shift=shift_msa, scale=scale_msa, eps=self.norm1.eps)
-        h = self.self_attn(x.replace(h)).feats
-        feats, h = fused.add_layer_norm(x.feats, ids, kern, h=h, gate=gate_msa, weight=self.norm2.weight,
-                                        bias=self.norm2.bias, eps=self.norm2.eps)
-        h = self.cross_attn(x.replace(h), context).feats
-        feats, h = fused.add_layer_norm(feats, ids, kern, h=h, shift=shift_mlp, scale=scale_mlp, eps=self.norm3.eps)
-        h = self.mlp(h)
-        return x.replace(fused.gated_residual(feats, h, gate_mlp, ids, kern))
+        if mod.dim() != 2 or mod.shape[0] != x.batch_size:
+            raise ValueError(f"{type(self).__name__}: expected mod [B={x.batch_size}, C], got {tuple(mod.shape)}")
+        ctx = ca.context_rows(context)
+        ada = (None, None) if self.share_mod else (self.adaLN_modulation[1].weight, self.adaLN_modulation[1].bias)
+        norms = (sa.q_rms_norm.gamma, sa.k_rms_norm.gamma) if sa.qk_rms_norm else (None, None)
+        kern.mark_rows(x.feats, ids, mod, ctx)
+        mod6, *qkv = kern.block_pre(x.feats, ids, mod, *ada, self.norm1.eps, sa.to_qkv.weight, sa.to_qkv.bias,
+                                    *norms, sa.head_dim ** 0.5, sa.num_heads)
+        plan = sa.self_plan(x)
+        if sa.use_rope:
+            q, k, v = qkv[0].unbind(dim=1) if len(qkv) == 1 else qkv
+            ang = sa.rope.angles(x.coords[:, 1:])  # [N, d/2]
+            qkv = [sa.rope.rotate(q, ang), sa.rope.rotate(k, ang), v]
+        attn = packed_attention_with_plan(qkv[0], plan) if len(qkv) == 1 else attention_with_plan(*qkv, plan)
+        norms = (ca.q_rms_norm.gamma, ca.k_rms_norm.gamma) if ca.qk_rms_norm else (None, None)
+        kern.mark_rows(attn, mod6)
+        feats, q, k, v = kern.block_mid(x.feats, ids, mod6, attn, sa.to_out.weight, sa.to_out.bias, self.norm2.weight,
+                                        self.norm2.bias, self.norm2.eps, ca.to_q.weight, ca.to_q.bias, ctx,
+                                        ca.to_kv.weight, ca.to_kv.bias, *norms, ca.head_dim ** 0.5, ca.num_heads)
+        attn = attention_with_plan(q, k, v, cross_plan(x, context))
+        kern.mark_rows(feats, attn)
+        mlp = self.mlp.mlp
+        out = kern.block_post(feats, ids, mod6, attn, ca.to_out.weight, ca.to_out.bias, self.norm3.eps,
+                              mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)
+        return x.replace(out)
 
     def _forward(self, x: SparseTensor, mod: torch.Tensor, context: torch.Tensor) -> SparseTensor:
-        mod6 = mod if self.share_mod else self.adaLN_modulation(mod)  # [B, 6C]
         kern = fused.fused_kernels(self)
         if kern is not None:
-            return self._forward_fused(x, mod6, context, kern)
+            return self._forward_segments(x, mod, context, kern)
+        mod6 = mod if self.share_mod else self.adaLN_modulation(mod)  # [B, 6C]
         mod6 = per_batch_rows(x, mod6)  # [B, 6C] -> [N, 6C], per-batch vectors broadcast to voxels
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod6.chunk(6, dim=1)
         h = self.norm1(x.feats) * (1 + scale_msa) + shift_msa
