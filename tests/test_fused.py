@@ -319,3 +319,11 @@ def test_block_with_per_sequence_attention_and_checkpointing(monkeypatch):
     monkeypatch.setenv("SPARSE_ATTN_BACKEND", "torch_seq")
     assert_all_close(run_block(blk, "off"), ref, 1e-5)
     assert_all_close(run_block(blk, "off", checkpoint=True), ref, 1e-5)
+
+
+def test_default_compile_kwargs_add_combo_kernels_only_when_the_caller_leaves_room():
+    default = fused.default_compile_kwargs({})
+    assert default == {"options": {"combo_kernels": True}}
+    assert fused.default_compile_kwargs({"dynamic": None}) == {"dynamic": None, **default}
+    for own in ({"mode": "max-autotune-no-cudagraphs"}, {"options": {"max_autotune": False}}, {"backend": "eager"}):
+        assert fused.default_compile_kwargs(dict(own)) == own
