@@ -40,6 +40,7 @@ from trellis.modules.sparse.attention import full_plan, window_plan  # noqa: E40
 
 DEVICE = "cuda"  # "cpu" with --smoke
 SMOKE = False
+MANY_SEQS = 512  # torch_seq rows are skipped above this many sequences (swin windows)
 VARLEN_BACKENDS = ("torch", "torch_varlen", "flash_attn", "xformers", "triton", "torch_seq")
 
 
@@ -218,6 +219,10 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
     q, k, v = qkv.unbind(1)
     rows = []
     for backend in _backends(dtype, args):
+        if backend == "torch_seq" and plan.num_seqs > MANY_SEQS and not SMOKE:
+            print(f"  torch_seq skipped: one SDPA call per sequence, {plan.num_seqs} sequences "
+                  f"(measured 2026-11-26: 55-94 ms per call on the swin cases, 0.1-0.5 TFLOP/s)")
+            continue
         runs = _triton_runs(plan, args) if backend == "triton" else [(backend, None, None)]
         if backend == "torch_seq" and args.packed:
             runs.append(("torch_seq[packed]", None, None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 
 import pytest
 import torch
@@ -165,6 +166,23 @@ def test_per_sequence_packed_gradient_is_one_buffer():
         stack.extend(f for f, _ in n.next_functions)
     names = {type(n).__name__ for n in seen}
     assert "_PiecesBackward" in names and "StackBackward0" not in names and "SliceBackward0" not in names
+
+
+def test_per_sequence_warns_once_about_many_sequences(monkeypatch):
+    """Forced onto hundreds of windows, torch_seq still computes the right thing, and says once that
+    it is the wrong backend for it."""
+    from trellis.modules.attention import per_sequence
+
+    monkeypatch.setattr(per_sequence, "_warned_many", False)
+    monkeypatch.setattr(per_sequence, "MANY_SEQUENCES", 8)
+    plan = VarlenPlan(_cu([3] * 9))
+    qkv = _rand(27, 3, 2, 4)
+    with pytest.warns(UserWarning, match="one SDPA call per sequence and got 9 sequences"):
+        out = packed_attention_with_plan(qkv, plan, backend="torch_seq")
+    torch.testing.assert_close(out, attention_with_plan(*qkv.unbind(1), plan, backend="torch"), rtol=1e-10, atol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        attention_with_plan(*qkv.unbind(1), plan, backend="torch_seq")
 
 
 # ----------------------------------------------------------------------------- backend choice

@@ -16,6 +16,8 @@ gradients into one buffer (for q/k/v packed as ``[T, 3, H, d]``, one ``[T, 3, H,
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -65,11 +67,27 @@ def _attend(qs, ks, vs, scale: float, T_q: int, like: torch.Tensor) -> torch.Ten
     return torch.cat(outs)  # the non-empty query sequences cover all T_q rows, in order
 
 
+MANY_SEQUENCES = 512
+_warned_many = False
+
+
+def _warn_if_many(num_seqs: int) -> None:
+    """One warning per process when ``torch_seq`` is asked to make hundreds of calls (e.g. forced
+    by ``SPARSE_ATTN_BACKEND`` onto swin windows, where it is hundreds of times slower)."""
+    global _warned_many
+    if num_seqs > MANY_SEQUENCES and not _warned_many:
+        _warned_many = True
+        warnings.warn(f"attention backend 'torch_seq' makes one SDPA call per sequence and got {num_seqs} "
+                      "sequences; for windowed or serialized attention use 'triton' (or leave the backend "
+                      "to 'auto')", stacklevel=3)
+
+
 def per_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: list[int], lens_kv: list[int],
                            scale: float) -> torch.Tensor:
     """One SDPA call per sequence: q ``[T_q, H, d]``, k/v ``[T_kv, H, d]`` with each sequence's rows
     contiguous and in order (``lens_q`` / ``lens_kv`` rows each) -> ``[T_q, H, d]``."""
     live = [i for i, n in enumerate(lens_q) if n > 0]
+    _warn_if_many(len(live))
     if not live:
         return q.new_zeros(q.shape)
     bq, bk = _bounds(lens_q), _bounds(lens_kv)
@@ -86,6 +104,7 @@ def per_sequence_packed_attention(qkv: torch.Tensor, lens: list[int], scale: flo
     sequence; the gradient of ``qkv`` is one buffer."""
     live = [b for b, n in zip(_bounds(lens), lens) if n > 0]
     S = len(live)
+    _warn_if_many(S)
     if S == 0:
         return qkv.new_zeros(qkv[:, 0].shape)
     views = _Pieces.apply(qkv, tuple((s, e, j) for j in range(3) for s, e in live), True)
