@@ -269,27 +269,27 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
         torch.cuda.synchronize()
         warm_s = time.perf_counter() - t0
         torch.cuda.reset_peak_memory_stats(device)
+
+        def timed(run) -> float:  # seconds of run(fresh batch) between CUDA events, synchronised after
+            b = fresh()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            run(b)
+            e.record()
+            torch.cuda.synchronize()
+            return s.elapsed_time(e) / 1e3
+
         times = []
         for i in range(steps):
             trainer.step = 3 + i
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            trainer.run_step(fresh())
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
+            times.append(timed(trainer.run_step))
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
         # Model forward + backward only (the conditions of the original's reference numbers): the
         # same micro-batches, no clipping, optimizer or EMA.
         fb_times = []
         for _ in range(steps):
             trainer.policy.zero_grad()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            trainer.forward_backward(fresh())
-            e.record()
-            torch.cuda.synchronize()
-            fb_times.append(s.elapsed_time(e) / 1e3)
+            fb_times.append(timed(trainer.forward_backward))
         trainer.drain_checks()
         # Pipelined: blocks of steps between two events, no host sync inside a block, as in
         # Trainer.run (the step never waits for the GPU, so the host queues step n+1 while the GPU
