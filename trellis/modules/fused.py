@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trellis.modules.norm import layer_norm32
+
 __all__ = [
     "FUSED_MODES",
     "FusedRegionsMixin",
@@ -147,16 +149,9 @@ class PerBatchRows(torch.autograd.Function):
         return _segment_sum(grad, batch_ids, ctx.batch_size), None  # [B, K]
 
 
-def _layer_norm32(x, weight, bias, eps: float):
-    """``LayerNorm32``: statistics and affine in float32, result in the input dtype."""
-    w = weight.float() if weight is not None else None
-    b = bias.float() if bias is not None else None
-    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
-
-
 def _modulated_norm(x, ids, shift, scale, eps: float):
     """``LN(x) * (1 + scale[b]) + shift[b]`` (the block's ``norm1`` / ``norm3`` and adaLN)."""
-    return _layer_norm32(x, None, None, eps) * (1 + PerBatchRows.apply(scale, ids)) + PerBatchRows.apply(shift, ids)
+    return layer_norm32(x, None, None, eps) * (1 + PerBatchRows.apply(scale, ids)) + PerBatchRows.apply(shift, ids)
 
 
 # The three segments of ``ModulatedSparseTransformerCrossBlock`` around its two attentions (see
@@ -183,7 +178,7 @@ def _block_mid(feats, ids, mod6, attn, w_out, b_out, n2_w, n2_b, eps: float, w_q
     N, C = feats.shape
     gate = mod6.chunk(6, dim=1)[2]
     feats = feats + PerBatchRows.apply(gate, ids) * F.linear(attn.reshape(N, C), w_out, b_out)
-    q = F.linear(_layer_norm32(feats, n2_w, n2_b, eps), w_q, b_q).view(N, heads, -1)  # [N, C] -> [N, H, d]
+    q = F.linear(layer_norm32(feats, n2_w, n2_b, eps), w_q, b_q).view(N, heads, -1)  # [N, C] -> [N, H, d]
     k, v = F.linear(ctx, w_kv, b_kv).view(ctx.shape[0], 2, heads, -1).unbind(dim=1)  # [M, 2C] -> [M, 2, H, d]
     if gamma_q is not None:
         q, k = _rms_norm_heads(q, gamma_q, rms_scale), _rms_norm_heads(k, gamma_k, rms_scale)

@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm32", "GroupNorm32", "ChannelLayerNorm32"]
+__all__ = ["LayerNorm32", "GroupNorm32", "ChannelLayerNorm32", "layer_norm32"]
+
+
+def layer_norm32(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                 normalized_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """LayerNorm (default: over the last dim) with statistics and affine in float32, cast back to
+    ``x``'s dtype: ``LayerNorm32``'s maths as a function (the compiled block segments use it)."""
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), normalized_shape or (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -22,9 +31,7 @@ class LayerNorm32(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+        return layer_norm32(x, self.weight, self.bias, self.eps, tuple(self.normalized_shape))
 
 
 class GroupNorm32(nn.GroupNorm):
