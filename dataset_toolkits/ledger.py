@@ -14,8 +14,8 @@ Files (reference DATA.md sections 1-2):
 
 Merging follows DATA.md section 2: ``downloaded`` records overwrite or left-join ``local_path``;
 other records overwrite cells of existing columns only (non-missing values win). Flag columns of
-the model directories under ``features/``, ``latents/`` and ``ss_latents/`` (and of any
-``feature_*``, ``latent_*``, ``ss_latent_*`` record) are created as False. A merge moves the record
+the model directories under ``features/``, ``latents/``, ``ss_latents/`` and ``cond_features/`` (and
+of any ``feature_*``, ``latent_*``, ``ss_latent_*``, ``cond_feature_*`` record) are created as False. A merge moves the record
 file away *before* reading it, under the lock, so a rank that appends later starts a new file and
 nothing is lost.
 
@@ -61,7 +61,8 @@ __all__ = [
 ]
 
 BASE_FLAGS = ("rendered", "voxelized", "cond_rendered")
-MODEL_FLAG_DIRS = (("feature_", "features"), ("latent_", "latents"), ("ss_latent_", "ss_latents"))
+MODEL_FLAG_DIRS = (("feature_", "features"), ("latent_", "latents"), ("ss_latent_", "ss_latents"),
+                   ("cond_feature_", "cond_features"))
 _RECORD_RE = re.compile(r"^(?P<stage>.+)_(?P<rank>\d+)\.csv$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -306,8 +307,11 @@ def scan_from_file(root: str, df: pd.DataFrame, fields: Sequence[str] = ("all",)
                     continue
                 if not on(col) or df.at[i, col]:
                     continue
-                need = df.at[i, "voxelized"] and (prefix == "ss_latent_" or df.at[i, "rendered"])
-                if need and os.path.exists(os.path.join(root, sub, col[len(prefix):], f"{sha}.npz")):
+                if prefix == "cond_feature_":  # condition tokens of the renders_cond views (encode_cond)
+                    need, ext = df.at[i, "cond_rendered"], "npy"
+                else:
+                    need, ext = df.at[i, "voxelized"] and (prefix == "ss_latent_" or df.at[i, "rendered"]), "npz"
+                if need and os.path.exists(os.path.join(root, sub, col[len(prefix):], f"{sha}.{ext}")):
                     df.at[i, col] = True
     return df
 

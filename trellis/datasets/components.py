@@ -148,7 +148,7 @@ def _camera(frame: dict, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     return extr, intr
 
 
-def _open_rgba(path: str) -> Image.Image:
+def open_rgba(path: str) -> Image.Image:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
     with Image.open(path) as im:
@@ -163,7 +163,7 @@ def load_render_view(directory: str, image_size: int, rng: np.random.Generator) 
     frames = load_transforms(directory)
     frame = frames[int(rng.integers(len(frames)))]
     path = os.path.join(directory, frame["file_path"])
-    rgba = _open_rgba(path)
+    rgba = open_rgba(path)
     rgb, alpha = rgba.convert("RGB"), rgba.getchannel("A")
     if rgba.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
@@ -200,7 +200,7 @@ def load_condition_image(directory: str, image_size: int, rng: np.random.Generat
     frames = load_transforms(directory)
     frame = frames[int(rng.integers(len(frames)))]
     path = os.path.join(directory, frame["file_path"])
-    return crop_condition(_open_rgba(path), image_size, path)
+    return crop_condition(open_rgba(path), image_size, path)
 
 
 def choose_caption(captions: Any, rng: np.random.Generator, where: str = "") -> str:
@@ -304,20 +304,59 @@ class TextConditionedMixin:
         return pack
 
 
-class ImageConditionedMixin:
-    """Adds ``cond`` float32 [3,S,S]: a random ``renders_cond`` view cropped as DATA.md 7.3.
-    Filter: ``cond_rendered``. ``image_size``: S (518)."""
+def cond_feature_info(root: str, model: str) -> dict[str, Any]:
+    """``cond_features/<model>/model.json`` of ``root`` (written by ``dataset_toolkits.encode_cond``)."""
+    path = os.path.join(root, "cond_features", model, "model.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; precompute the condition tokens with "
+                                f"`python -m dataset_toolkits.encode_cond --output_dir {root} --model {model}`")
+    with open(path) as f:
+        return json.load(f)
 
-    def __init__(self, roots: str, *, image_size: int = 518, **kwargs: Any):
+
+def load_condition_tokens(root: str, model: str, sha256: str, rng: np.random.Generator) -> torch.Tensor:
+    """Precomputed condition tokens of one uniformly random view: float32 [T, C]. The file
+    ``cond_features/<model>/<sha>.npy`` [V, T, C] is memory-mapped, so only that view is read."""
+    path = os.path.join(root, "cond_features", model, f"{sha256}.npy")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    tokens = np.load(path, mmap_mode="r")
+    if tokens.ndim != 3 or tokens.shape[0] == 0:
+        raise ValueError(f"{path}: expected tokens [V, T, C] with V >= 1, got shape {tokens.shape}")
+    view = np.array(tokens[int(rng.integers(tokens.shape[0]))], dtype=np.float32)
+    if not np.isfinite(view).all():
+        raise ValueError(f"{path}: non-finite condition tokens")
+    return torch.from_numpy(view)
+
+
+class ImageConditionedMixin:
+    """Adds ``cond``: a random ``renders_cond`` view cropped as DATA.md 7.3, float32 [3,S,S]
+    (filter: ``cond_rendered``; ``image_size``: S, 518); or, with ``cond_features="<model>"`` (new),
+    that view's precomputed DINOv2 tokens float32 [T, C] from ``cond_features/<model>/``
+    (``dataset_toolkits.encode_cond``; filter: ``cond_feature_<model>``), so that no image encoder
+    runs in the training step."""
+
+    def __init__(self, roots: str, *, image_size: int = 518, cond_features: str | None = None, **kwargs: Any):
         self.image_size = image_size
+        self.cond_features = cond_features
         super().__init__(roots, **kwargs)
+        if cond_features is not None:
+            infos = {r: cond_feature_info(r, cond_features) for r in self.roots}
+            shapes = {(i["num_tokens"], i["channels"]) for i in infos.values()}
+            if len(shapes) > 1:
+                raise ValueError(f"cond_features={cond_features!r}: the roots hold tokens of different shapes {infos}")
+            self.cond_feature_info = next(iter(infos.values()))
 
     def filter_metadata(self, metadata: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
         df, stats = super().filter_metadata(metadata)
-        df = flag_filter(df, "cond_rendered")
-        return df, stats + [("cond_rendered", len(df))]
+        column = "cond_rendered" if self.cond_features is None else f"cond_feature_{self.cond_features}"
+        df = flag_filter(df, column)
+        return df, stats + [(column, len(df))]
 
     def get_instance(self, root: str, sha256: str, rng: np.random.Generator) -> dict[str, Any]:
         pack = super().get_instance(root, sha256, rng)
-        pack["cond"] = load_condition_image(os.path.join(root, "renders_cond", sha256), self.image_size, rng)
+        if self.cond_features is not None:
+            pack["cond"] = load_condition_tokens(root, self.cond_features, sha256, rng)
+        else:
+            pack["cond"] = load_condition_image(os.path.join(root, "renders_cond", sha256), self.image_size, rng)
         return pack

@@ -68,6 +68,25 @@ class RawCondition:
         return torch.zeros_like(cond)
 
 
+class PrecomputedImageCondition(RawCondition):
+    """Image-condition tokens precomputed into the dataset (``cond_features``, see
+    ``dataset_toolkits.encode_cond``): ``[B, T, C]`` used as is, checked against the encoder's token
+    count and width; null condition = zeros, as for ``ImageCondition``. No encoder is loaded."""
+
+    kind = "image"
+
+    def __init__(self, model: str, num_tokens: int, channels: int):
+        self.model, self.num_tokens, self.channels = model, int(num_tokens), int(channels)
+
+    def encode(self, cond: Any) -> torch.Tensor:
+        if not isinstance(cond, torch.Tensor) or cond.dim() != 3 or tuple(cond.shape[1:]) != (self.num_tokens,
+                                                                                                self.channels):
+            got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+            raise ValueError(f"precomputed {self.model} condition tokens must be [B, {self.num_tokens}, "
+                             f"{self.channels}], got {got}")
+        return cond.float()
+
+
 class ImageCondition:
     """DINOv2 tokens of the dataset's condition images; null condition = zeros (TRAINING.md 10)."""
 

@@ -36,6 +36,7 @@ from trellis.trainers.base import Trainer
 from trellis.trainers.flow.components import (
     CFGDropout,
     ImageCondition,
+    PrecomputedImageCondition,
     RawCondition,
     TextCondition,
     keyed_generators,
@@ -269,9 +270,16 @@ class ImageConditionedFlowMatchingCFGTrainer(FlowMatchingCFGTrainer):
         self.image_cond_weights = image_cond_weights
         super().__init__(*args, **kwargs)
 
-    def make_condition(self) -> ImageCondition:
-        return ImageCondition(self.image_cond_model, self.image_cond_weights,
-                              int(getattr(self.dataset, "image_size", 518)), self.device)
+    def make_condition(self) -> ImageCondition | PrecomputedImageCondition:
+        model = getattr(self.dataset, "cond_features", None)
+        if model is None:
+            return ImageCondition(self.image_cond_model, self.image_cond_weights,
+                                  int(getattr(self.dataset, "image_size", 518)), self.device)
+        if model != self.image_cond_model:
+            raise ValueError(f"dataset.args.cond_features={model!r} but trainer.args.image_cond_model="
+                             f"{self.image_cond_model!r}: precomputed tokens must come from the trainer's encoder")
+        info = self.dataset.cond_feature_info
+        return PrecomputedImageCondition(model, info["num_tokens"], info["channels"])
 
 
 class TextConditionedFlowMatchingCFGTrainer(FlowMatchingCFGTrainer):

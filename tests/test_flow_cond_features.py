@@ -1,0 +1,108 @@
+"""Precomputed image-condition tokens (``dataset_toolkits.encode_cond``, ``cond_features``): the stage
+writes the conditioner's tokens of every condition view, the dataset reads one view's tokens, and a
+trainer on them trains as it does when it encodes the images itself, without loading the encoder."""
+
+import copy
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_flow_demo_data import SS_MODEL, write_flow_root
+from test_flow_trainers import config
+
+from trellis.config import build_dataset, build_models, validate_config
+from trellis.datasets.base import DatasetError
+from trellis.datasets.components import crop_condition, load_transforms, open_rgba
+from trellis.datasets.sparse_structure_latent import ImageConditionedSparseStructureLatent
+from trellis.encoders.conditioners import ImageConditioner
+from trellis.registry import TRAINERS
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    from dataset_toolkits import encode_cond
+
+    root = write_flow_root(str(tmp_path_factory.mktemp("cond_root")), num=4)
+    assert encode_cond.main(["--output_dir", root, "--model", "tiny", "--fp32", "--no_progress"]) == 0
+    return root
+
+
+def test_stage_writes_the_conditioners_tokens_of_every_view(root):
+    meta = pd.read_csv(os.path.join(root, "metadata.csv"))
+    assert meta["cond_feature_tiny"].astype(bool).all()
+    conditioner = ImageConditioner("tiny", image_size=518)
+    for sha in meta["sha256"]:
+        directory = os.path.join(root, "renders_cond", sha)
+        paths = [os.path.join(directory, fr["file_path"]) for fr in load_transforms(directory)]
+        images = torch.stack([crop_condition(open_rgba(p), 518, p) for p in paths])
+        tokens = np.load(os.path.join(root, "cond_features", "tiny", f"{sha}.npy"))
+        assert tokens.shape == (len(paths), conditioner.num_tokens, conditioner.channels)
+        torch.testing.assert_close(torch.from_numpy(tokens), conditioner.encode(images), rtol=1e-5, atol=1e-5)
+    from dataset_toolkits import encode_cond
+
+    assert encode_cond.main(["--output_dir", root, "--model", "tiny", "--no_progress"]) == 0  # all done: no-op
+
+
+def test_dataset_reads_one_views_tokens(root):
+    ds = ImageConditionedSparseStructureLatent(root, latent_model=SS_MODEL, min_aesthetic_score=4.5,
+                                               cond_features="tiny")
+    assert ds.cond_feature_info["num_tokens"] == 1374 and len(ds) == 4
+    item = ds[0]
+    assert item["cond"].dtype == torch.float32 and item["cond"].shape == (1374, 64)
+    with pytest.raises(DatasetError, match="cond_feature_dinov2_vitl14_reg .* 0 rows"):  # not precomputed
+        ImageConditionedSparseStructureLatent(root, latent_model=SS_MODEL, min_aesthetic_score=4.5,
+                                              cond_features="dinov2_vitl14_reg")
+
+
+def _losses(root, out, cond_features, steps=2):
+    cfg = config("ImageConditionedFlowMatchingCFGTrainer", False, "ImageConditionedSparseStructureLatent",
+                 {"image_cond_model": "tiny"}, p_uncond=0.5, max_steps=steps)
+    cfg["dataset"]["args"]["image_size"] = 518
+    if cond_features:
+        cfg["dataset"]["args"]["cond_features"] = cond_features
+    validate_config(cfg)
+    torch.manual_seed(0)
+    models, dataset = build_models(cfg), build_dataset(cfg, root)
+    tr = TRAINERS.get(cfg["trainer"]["name"])(models, dataset, output_dir=str(out), **cfg["trainer"]["args"])
+    data = tr.batches()
+    losses = []
+    for _ in range(steps):
+        tr._seed_step()
+        losses.append(float(tr.run_step(next(data))["loss/loss"]))
+        tr.step += 1
+    return losses, tr
+
+
+def test_trainer_on_precomputed_tokens_matches_online_encoding(root, tmp_path):
+    online, _ = _losses(root, tmp_path / "online", None)
+    pre, tr = _losses(root, tmp_path / "pre", "tiny")
+    assert not hasattr(tr.condition, "conditioner")  # no encoder loaded
+    torch.testing.assert_close(torch.tensor(pre), torch.tensor(online), rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_rejects_tokens_of_another_encoder(root, tmp_path):
+    cfg = config("ImageConditionedFlowMatchingCFGTrainer", False, "ImageConditionedSparseStructureLatent",
+                 {"image_cond_model": "dinov2_vitl14_reg"})
+    cfg["dataset"]["args"]["cond_features"] = "tiny"
+    validate_config(cfg)
+    models, dataset = build_models(copy.deepcopy(cfg)), build_dataset(cfg, root)
+    with pytest.raises(ValueError, match="cond_features='tiny' but trainer.args.image_cond_model"):
+        TRAINERS.get(cfg["trainer"]["name"])(models, dataset, output_dir=str(tmp_path), **cfg["trainer"]["args"])
+
+
+def test_ledger_finds_the_tokens_on_disk_and_a_missing_model_info_is_named(root, tmp_path):
+    import shutil
+
+    from dataset_toolkits import ledger
+
+    copy_root = str(tmp_path / "copy")
+    shutil.copytree(root, copy_root)
+    meta = pd.read_csv(os.path.join(copy_root, "metadata.csv")).drop(columns=["cond_feature_tiny"])
+    found = ledger.scan_from_file(copy_root, meta)  # the column comes back from cond_features/tiny/
+    assert found["cond_feature_tiny"].astype(bool).all()
+    os.remove(os.path.join(copy_root, "cond_features", "tiny", "model.json"))
+    with pytest.raises(FileNotFoundError, match="model.json: not found; precompute"):
+        ImageConditionedSparseStructureLatent(copy_root, latent_model=SS_MODEL, min_aesthetic_score=4.5,
+                                              cond_features="tiny")
