@@ -106,3 +106,15 @@ def test_ledger_finds_the_tokens_on_disk_and_a_missing_model_info_is_named(root,
     with pytest.raises(FileNotFoundError, match="model.json: not found; precompute"):
         ImageConditionedSparseStructureLatent(copy_root, latent_model=SS_MODEL, min_aesthetic_score=4.5,
                                               cond_features="tiny")
+
+
+def test_sparse_dataset_collates_the_tokens_into_its_micro_batches(root):
+    from test_flow_demo_data import SLAT_MODEL
+
+    from trellis.datasets.structured_latent import ImageConditionedSLat
+
+    ds = ImageConditionedSLat(root, latent_model=SLAT_MODEL, min_aesthetic_score=4.5, cond_features="tiny",
+                              normalization={"mean": [0.5] * 8, "std": [2.0] * 8})
+    packs = ds.collate_fn([ds[i] for i in range(4)], split_size=2)
+    assert [tuple(p["cond"].shape) for p in packs] == [(2, 1374, 64), (2, 1374, 64)]
+    assert all(p["cond"].shape[0] == p["x_0"].batch_size for p in packs)
