@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dataset_toolkits.encode_latent import flag_select
+from dataset_toolkits.extract_feature import add_dinov2_args
 from dataset_toolkits.stage import Stage, add_common_args, run_stage_from_args
 from trellis.datasets.components import crop_condition, load_transforms, open_rgba
 from trellis.encoders.conditioners import ImageConditioner
@@ -98,10 +99,7 @@ def make_stage(model: str = "dinov2_vitl14_reg", weights: str | None = None, bat
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p)
-    p.add_argument("--model", default="dinov2_vitl14_reg", help="dinov2_vitl14_reg, or tiny (random, tests)")
-    p.add_argument("--weights", default=None, help="checkpoint file or HF directory (default: $TRELLIS_WEIGHTS_DIR)")
-    p.add_argument("--batch_size", type=int, default=16, help="views per ViT forward")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_dinov2_args(p)
     p.add_argument("--fp32", action="store_true", help="store float32 tokens (default float16, half the disk)")
     args = p.parse_args(argv)
     return run_stage_from_args(make_stage(args.model, args.weights, args.batch_size, args.device, args.fp32), args)

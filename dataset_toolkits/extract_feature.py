@@ -170,13 +170,18 @@ def make_stage(model: str = "dinov2_vitl14_reg", weights: str | None = None, bat
                  check_done=partial(_check_done, model), setup=partial(_setup, model, weights, device, tf32))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p)
+def add_dinov2_args(p: argparse.ArgumentParser) -> None:
+    """``--model --weights --batch_size --device`` of the stages that run DINOv2."""
     p.add_argument("--model", default="dinov2_vitl14_reg", help="dinov2_vitl14_reg, or tiny (random, tests)")
     p.add_argument("--weights", default=None, help="checkpoint file or HF directory (default: $TRELLIS_WEIGHTS_DIR)")
     p.add_argument("--batch_size", type=int, default=16, help="views per ViT forward")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    add_dinov2_args(p)
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp32", dest="tf32", action="store_false",
                       help="full-fp32 matmuls on CUDA, as the original (default: TensorFloat-32, ~1.7x faster)")

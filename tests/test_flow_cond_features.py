@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_flow_demo_data import SS_MODEL, write_flow_root
+from test_flow_demo_data import SS_MODEL, train_losses_of, write_flow_root
 from test_flow_trainers import config
 
 from trellis.config import build_dataset, build_models, validate_config
@@ -62,17 +62,7 @@ def _losses(root, out, cond_features, steps=2):
     cfg["dataset"]["args"]["image_size"] = 518
     if cond_features:
         cfg["dataset"]["args"]["cond_features"] = cond_features
-    validate_config(cfg)
-    torch.manual_seed(0)
-    models, dataset = build_models(cfg), build_dataset(cfg, root)
-    tr = TRAINERS.get(cfg["trainer"]["name"])(models, dataset, output_dir=str(out), **cfg["trainer"]["args"])
-    data = tr.batches()
-    losses = []
-    for _ in range(steps):
-        tr._seed_step()
-        losses.append(float(tr.run_step(next(data))["loss/loss"]))
-        tr.step += 1
-    return losses, tr
+    return train_losses_of(cfg, root, out, steps)
 
 
 def test_trainer_on_precomputed_tokens_matches_online_encoding(root, tmp_path):

@@ -72,6 +72,25 @@ def write_flow_root(root: str, num: int = 8, seed: int = 0) -> str:
     return root
 
 
+def train_losses_of(cfg: dict, root: str, out: str, steps: int) -> tuple[list[float], object]:
+    """Builds ``cfg``'s models, dataset and trainer (seed 0) and returns the losses of ``steps``
+    steps and the trainer."""
+    from trellis.config import build_dataset, build_models, validate_config
+    from trellis.registry import TRAINERS
+
+    validate_config(cfg)
+    torch.manual_seed(0)
+    models, dataset = build_models(cfg), build_dataset(cfg, root)
+    tr = TRAINERS.get(cfg["trainer"]["name"])(models, dataset, output_dir=str(out), **cfg["trainer"]["args"])
+    data = tr.batches()
+    losses = []
+    for _ in range(steps):
+        tr._seed_step()
+        losses.append(float(tr.run_step(next(data))["loss/loss"]))
+        tr.step += 1
+    return losses, tr
+
+
 def test_flow_root_reads_through_the_datasets(tmp_path):
     from trellis.datasets.sparse_structure_latent import ImageConditionedSparseStructureLatent
     from trellis.datasets.structured_latent import TextConditionedSLat

@@ -7,14 +7,13 @@ import os
 
 import pytest
 import torch
-from test_flow_demo_data import write_flow_root
+from test_flow_demo_data import train_losses_of, write_flow_root
 
-from trellis.config import build_dataset, build_models, load_config, validate_config
+from trellis.config import load_config
 from trellis.models.structured_latent_flow import ElasticSLatFlowModel
 from trellis.modules import fused
 from trellis.modules.sparse.basic import SparseTensor
 from trellis.modules.sparse.transformer import ModulatedSparseTransformerCrossBlock
-from trellis.registry import TRAINERS
 from trellis.trainers.base import compile_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,17 +255,7 @@ def train_losses(root, out, steps=3, **targs):
     cfg = load_config(os.path.join(REPO, "configs", "demo", "slat_flow_img_tiny.json"))
     cfg["trainer"]["args"].update(num_workers=0, i_print=0, i_log=0, i_sample=0, i_save=0, **targs)
     cfg["dataset"]["args"]["image_size"] = 28
-    validate_config(cfg)
-    torch.manual_seed(0)
-    models, dataset = build_models(cfg), build_dataset(cfg, root)
-    tr = TRAINERS.get(cfg["trainer"]["name"])(models, dataset, output_dir=str(out), **cfg["trainer"]["args"])
-    data = tr.batches()
-    losses = []
-    for _ in range(steps):
-        tr._seed_step()
-        losses.append(float(tr.run_step(next(data))["loss/loss"]))
-        tr.step += 1
-    return losses, tr
+    return train_losses_of(cfg, root, out, steps)
 
 
 @pytest.mark.parametrize("how", ["env_eager", "trainer_compile_eager_backend", "trainer_compile_inductor"])
