@@ -307,8 +307,11 @@ def scan_from_file(root: str, df: pd.DataFrame, fields: Sequence[str] = ("all",)
                     continue
                 if not on(col) or df.at[i, col]:
                     continue
-                if prefix == "cond_feature_":  # condition tokens of the renders_cond views (encode_cond)
-                    need, ext = df.at[i, "cond_rendered"], "npy"
+                if prefix == "cond_feature_":  # condition tokens (encode_cond): of the captions, or the views
+                    text = col.startswith("cond_feature_text_")
+                    need = bool(pd.notna(df.at[i, "captions"])) if text and "captions" in df.columns else (
+                        not text and df.at[i, "cond_rendered"])
+                    ext = "npy"
                 else:
                     need, ext = df.at[i, "voxelized"] and (prefix == "ss_latent_" or df.at[i, "rendered"]), "npz"
                 if need and os.path.exists(os.path.join(root, sub, col[len(prefix):], f"{sha}.{ext}")):

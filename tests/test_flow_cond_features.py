@@ -1,8 +1,10 @@
-"""Precomputed image-condition tokens (``dataset_toolkits.encode_cond``, ``cond_features``): the stage
-writes the conditioner's tokens of every condition view, the dataset reads one view's tokens, and a
-trainer on them trains as it does when it encodes the images itself, without loading the encoder."""
+"""Precomputed condition tokens (``dataset_toolkits.encode_cond``, ``cond_features``): the stage
+writes the conditioner's tokens of every condition view (or caption), the dataset reads one view's
+(caption's) tokens, and a trainer on them trains as it does when it encodes the images (captions)
+itself, without loading the encoder."""
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -26,6 +28,7 @@ def root(tmp_path_factory):
 
     root = write_flow_root(str(tmp_path_factory.mktemp("cond_root")), num=4)
     assert encode_cond.main(["--output_dir", root, "--model", "tiny", "--fp32", "--no_progress"]) == 0
+    assert encode_cond.main(["--output_dir", root, "--kind", "text", "--model", "tiny", "--fp32", "--no_progress"]) == 0
     return root
 
 
@@ -56,10 +59,14 @@ def test_dataset_reads_one_views_tokens(root):
                                               cond_features="dinov2_vitl14_reg")
 
 
-def _losses(root, out, cond_features, steps=2):
-    cfg = config("ImageConditionedFlowMatchingCFGTrainer", False, "ImageConditionedSparseStructureLatent",
-                 {"image_cond_model": "tiny"}, p_uncond=0.5, max_steps=steps)
-    cfg["dataset"]["args"]["image_size"] = 518
+def _losses(root, out, cond_features, steps=2, text=False):
+    if text:
+        cfg = config("TextConditionedFlowMatchingCFGTrainer", False, "TextConditionedSparseStructureLatent",
+                     {"text_cond_model": "tiny"}, p_uncond=0.5, max_steps=steps)
+    else:
+        cfg = config("ImageConditionedFlowMatchingCFGTrainer", False, "ImageConditionedSparseStructureLatent",
+                     {"image_cond_model": "tiny"}, p_uncond=0.5, max_steps=steps)
+        cfg["dataset"]["args"]["image_size"] = 518
     if cond_features:
         cfg["dataset"]["args"]["cond_features"] = cond_features
     return train_losses_of(cfg, root, out, steps)
@@ -72,13 +79,33 @@ def test_trainer_on_precomputed_tokens_matches_online_encoding(root, tmp_path):
     torch.testing.assert_close(torch.tensor(pre), torch.tensor(online), rtol=1e-4, atol=1e-6)
 
 
+def test_text_tokens_per_caption_with_the_empty_captions_encoding_as_null(root, tmp_path):
+    from trellis.datasets.sparse_structure_latent import TextConditionedSparseStructureLatent
+    from trellis.encoders.conditioners import TextConditioner
+
+    conditioner = TextConditioner("tiny")
+    meta = pd.read_csv(os.path.join(root, "metadata.csv"))
+    assert meta["cond_feature_text_tiny"].astype(bool).all()
+    row = meta.iloc[0]
+    tokens = np.load(os.path.join(root, "cond_features", "text_tiny", f"{row['sha256']}.npy"))
+    torch.testing.assert_close(torch.from_numpy(tokens), conditioner.encode(json.loads(row["captions"])))
+    ds = TextConditionedSparseStructureLatent(root, latent_model=SS_MODEL, min_aesthetic_score=4.5,
+                                              cond_features="text_tiny")
+    torch.testing.assert_close(ds.cond_feature_null, conditioner.null_condition(1)[0])
+    assert ds[1]["cond"].shape == (77, conditioner.channels)
+    online, _ = _losses(root, tmp_path / "online", None, text=True)
+    pre, tr = _losses(root, tmp_path / "pre", "text_tiny", text=True)  # p_uncond 0.5: the null is used too
+    assert not hasattr(tr.condition, "conditioner")
+    torch.testing.assert_close(torch.tensor(pre), torch.tensor(online), rtol=1e-4, atol=1e-6)
+
+
 def test_trainer_rejects_tokens_of_another_encoder(root, tmp_path):
     cfg = config("ImageConditionedFlowMatchingCFGTrainer", False, "ImageConditionedSparseStructureLatent",
                  {"image_cond_model": "dinov2_vitl14_reg"})
     cfg["dataset"]["args"]["cond_features"] = "tiny"
     validate_config(cfg)
     models, dataset = build_models(copy.deepcopy(cfg)), build_dataset(cfg, root)
-    with pytest.raises(ValueError, match="cond_features='tiny' but trainer.args.image_cond_model"):
+    with pytest.raises(ValueError, match="holds image tokens of 'tiny' but trainer.args.image_cond_model"):
         TRAINERS.get(cfg["trainer"]["name"])(models, dataset, output_dir=str(tmp_path), **cfg["trainer"]["args"])
 
 
@@ -89,9 +116,10 @@ def test_ledger_finds_the_tokens_on_disk_and_a_missing_model_info_is_named(root,
 
     copy_root = str(tmp_path / "copy")
     shutil.copytree(root, copy_root)
-    meta = pd.read_csv(os.path.join(copy_root, "metadata.csv")).drop(columns=["cond_feature_tiny"])
-    found = ledger.scan_from_file(copy_root, meta)  # the column comes back from cond_features/tiny/
-    assert found["cond_feature_tiny"].astype(bool).all()
+    columns = ["cond_feature_tiny", "cond_feature_text_tiny"]
+    meta = pd.read_csv(os.path.join(copy_root, "metadata.csv")).drop(columns=columns)
+    found = ledger.scan_from_file(copy_root, meta)  # the columns come back from cond_features/
+    assert all(found[c].astype(bool).all() for c in columns)
     os.remove(os.path.join(copy_root, "cond_features", "tiny", "model.json"))
     with pytest.raises(FileNotFoundError, match="model.json: not found; precompute"):
         ImageConditionedSparseStructureLatent(copy_root, latent_model=SS_MODEL, min_aesthetic_score=4.5,

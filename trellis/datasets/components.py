@@ -203,14 +203,20 @@ def load_condition_image(directory: str, image_size: int, rng: np.random.Generat
     return crop_condition(open_rgba(path), image_size, path)
 
 
-def choose_caption(captions: Any, rng: np.random.Generator, where: str = "") -> str:
-    """One caption, uniformly, from a JSON-encoded list of strings (the metadata ``captions`` cell)."""
+def parse_captions(captions: Any, where: str = "") -> list[str]:
+    """The metadata ``captions`` cell (a JSON-encoded list of strings) as a non-empty list."""
     try:
         options = json.loads(captions) if isinstance(captions, str) else captions
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: captions are not valid JSON ({e})") from None
     if not isinstance(options, list) or not options or not all(isinstance(c, str) for c in options):
         raise ValueError(f"{where}: captions must be a non-empty JSON list of strings, got {captions!r:.80}")
+    return options
+
+
+def choose_caption(captions: Any, rng: np.random.Generator, where: str = "") -> str:
+    """One caption, uniformly, from a JSON-encoded list of strings (the metadata ``captions`` cell)."""
+    options = parse_captions(captions, where)
     return options[int(rng.integers(len(options)))]
 
 
@@ -288,19 +294,65 @@ def normalization_tensors(normalization: dict | None, where: str) -> tuple[torch
     return mean, std
 
 
-class TextConditionedMixin:
-    """Adds ``cond``: one caption, uniformly chosen per access, from the metadata ``captions`` JSON list.
-    Filter: ``captions`` present."""
+class PrecomputedCondMixin:
+    """``cond_features="<name>"`` (new): the dataset reads precomputed condition tokens from
+    ``cond_features/<name>/`` (``dataset_toolkits.encode_cond``) instead of the raw condition, keeps
+    only assets with the ``cond_feature_<name>`` flag, and exposes ``cond_feature_info`` (the
+    directory's ``model.json``) for the trainer."""
+
+    def _init_cond_features(self, cond_features: str | None) -> None:
+        self.cond_features = cond_features
+
+    def _check_cond_features(self) -> None:
+        if self.cond_features is None:
+            return
+        infos = {r: cond_feature_info(r, self.cond_features) for r in self.roots}
+        shapes = {(i["num_tokens"], i["channels"]) for i in infos.values()}
+        if len(shapes) > 1:
+            raise ValueError(f"cond_features={self.cond_features!r}: the roots hold tokens of different shapes {infos}")
+        root, self.cond_feature_info = next(iter(infos.items()))
+        self.cond_feature_null = None  # text: the encoding of the empty caption, [T, C]
+        if self.cond_feature_info.get("kind") == "text":
+            path = os.path.join(root, "cond_features", self.cond_features, "null.npy")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: not found (written by dataset_toolkits.encode_cond --kind text)")
+            self.cond_feature_null = torch.from_numpy(np.load(path).astype(np.float32))
+
+    def _cond_filter(self, df: pd.DataFrame, column: str) -> tuple[pd.DataFrame, str]:
+        if self.cond_features is not None:
+            column = f"cond_feature_{self.cond_features}"
+        return flag_filter(df, column), column
+
+
+class TextConditionedMixin(PrecomputedCondMixin):
+    """Adds ``cond``: one caption, uniformly chosen per access, from the metadata ``captions`` JSON list
+    (filter: ``captions`` present); or, with ``cond_features="text_<model>"`` (new), that caption's
+    precomputed text tokens float32 [77, C] (``dataset_toolkits.encode_cond --kind text``; filter:
+    ``cond_feature_text_<model>``)."""
+
+    def __init__(self, roots: str, *, cond_features: str | None = None, **kwargs: Any):
+        self._init_cond_features(cond_features)
+        super().__init__(roots, **kwargs)
+        self._check_cond_features()
 
     def filter_metadata(self, metadata: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
         df, stats = super().filter_metadata(metadata)
         df = df[df["captions"].notna().to_numpy()] if "captions" in df.columns else df.iloc[:0]
-        return df, stats + [("captions", len(df))]
+        stats = stats + [("captions", len(df))]
+        if self.cond_features is not None:
+            df, column = self._cond_filter(df, "")
+            stats.append((column, len(df)))
+        return df, stats
 
     def get_instance(self, root: str, sha256: str, rng: np.random.Generator) -> dict[str, Any]:
         pack = super().get_instance(root, sha256, rng)
         where = f"{sha256} in {os.path.join(root, 'metadata.csv')}"
-        pack["cond"] = choose_caption(self.metadata_row(root, sha256)["captions"], rng, where)
+        captions = self.metadata_row(root, sha256)["captions"]
+        if self.cond_features is not None:  # the same draw as choose_caption: one rng.integers(K)
+            count = len(parse_captions(captions, where))
+            pack["cond"] = load_condition_tokens(root, self.cond_features, sha256, rng, expect=count)
+        else:
+            pack["cond"] = choose_caption(captions, rng, where)
         return pack
 
 
@@ -314,22 +366,27 @@ def cond_feature_info(root: str, model: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def load_condition_tokens(root: str, model: str, sha256: str, rng: np.random.Generator) -> torch.Tensor:
-    """Precomputed condition tokens of one uniformly random view: float32 [T, C]. The file
-    ``cond_features/<model>/<sha>.npy`` [V, T, C] is memory-mapped, so only that view is read."""
+def load_condition_tokens(root: str, model: str, sha256: str, rng: np.random.Generator,
+                          expect: int | None = None) -> torch.Tensor:
+    """Precomputed condition tokens of one uniformly drawn entry (a view, or a caption): float32
+    [T, C]. The file ``cond_features/<model>/<sha>.npy`` [K, T, C] is memory-mapped, so only that
+    entry is read. ``expect``: the number of entries there must be (the asset's captions)."""
     path = os.path.join(root, "cond_features", model, f"{sha256}.npy")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
     tokens = np.load(path, mmap_mode="r")
     if tokens.ndim != 3 or tokens.shape[0] == 0:
-        raise ValueError(f"{path}: expected tokens [V, T, C] with V >= 1, got shape {tokens.shape}")
+        raise ValueError(f"{path}: expected tokens [K, T, C] with K >= 1, got shape {tokens.shape}")
+    if expect is not None and tokens.shape[0] != expect:
+        raise ValueError(f"{path}: {tokens.shape[0]} token sets for {expect} captions (the captions changed since "
+                         "dataset_toolkits.encode_cond ran: run it again for this asset)")
     view = np.array(tokens[int(rng.integers(tokens.shape[0]))], dtype=np.float32)
     if not np.isfinite(view).all():
         raise ValueError(f"{path}: non-finite condition tokens")
     return torch.from_numpy(view)
 
 
-class ImageConditionedMixin:
+class ImageConditionedMixin(PrecomputedCondMixin):
     """Adds ``cond``: a random ``renders_cond`` view cropped as DATA.md 7.3, float32 [3,S,S]
     (filter: ``cond_rendered``; ``image_size``: S, 518); or, with ``cond_features="<model>"`` (new),
     that view's precomputed DINOv2 tokens float32 [T, C] from ``cond_features/<model>/``
@@ -338,19 +395,13 @@ class ImageConditionedMixin:
 
     def __init__(self, roots: str, *, image_size: int = 518, cond_features: str | None = None, **kwargs: Any):
         self.image_size = image_size
-        self.cond_features = cond_features
+        self._init_cond_features(cond_features)
         super().__init__(roots, **kwargs)
-        if cond_features is not None:
-            infos = {r: cond_feature_info(r, cond_features) for r in self.roots}
-            shapes = {(i["num_tokens"], i["channels"]) for i in infos.values()}
-            if len(shapes) > 1:
-                raise ValueError(f"cond_features={cond_features!r}: the roots hold tokens of different shapes {infos}")
-            self.cond_feature_info = next(iter(infos.values()))
+        self._check_cond_features()
 
     def filter_metadata(self, metadata: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
         df, stats = super().filter_metadata(metadata)
-        column = "cond_rendered" if self.cond_features is None else f"cond_feature_{self.cond_features}"
-        df = flag_filter(df, column)
+        df, column = self._cond_filter(df, "cond_rendered")
         return df, stats + [(column, len(df))]
 
     def get_instance(self, root: str, sha256: str, rng: np.random.Generator) -> dict[str, Any]:

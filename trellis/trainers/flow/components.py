@@ -68,23 +68,28 @@ class RawCondition:
         return torch.zeros_like(cond)
 
 
-class PrecomputedImageCondition(RawCondition):
-    """Image-condition tokens precomputed into the dataset (``cond_features``, see
+class PrecomputedCondition(RawCondition):
+    """Condition tokens precomputed into the dataset (``cond_features``, see
     ``dataset_toolkits.encode_cond``): ``[B, T, C]`` used as is, checked against the encoder's token
-    count and width; null condition = zeros, as for ``ImageCondition``. No encoder is loaded."""
+    count and width. Null condition: zeros for images (as ``ImageCondition``), the stored encoding of
+    the empty caption for text (as ``TextCondition``). No encoder is loaded."""
 
-    kind = "image"
-
-    def __init__(self, model: str, num_tokens: int, channels: int):
-        self.model, self.num_tokens, self.channels = model, int(num_tokens), int(channels)
+    def __init__(self, kind: str, name: str, num_tokens: int, channels: int, null: torch.Tensor | None = None):
+        self.kind, self.name, self.num_tokens, self.channels = kind, name, int(num_tokens), int(channels)
+        self._null = null  # [T, C] or None (zeros)
 
     def encode(self, cond: Any) -> torch.Tensor:
         if not isinstance(cond, torch.Tensor) or cond.dim() != 3 or tuple(cond.shape[1:]) != (self.num_tokens,
                                                                                                 self.channels):
             got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
-            raise ValueError(f"precomputed {self.model} condition tokens must be [B, {self.num_tokens}, "
+            raise ValueError(f"precomputed condition tokens ({self.name}) must be [B, {self.num_tokens}, "
                              f"{self.channels}], got {got}")
         return cond.float()
+
+    def null(self, cond: torch.Tensor) -> torch.Tensor:
+        if self._null is None:
+            return torch.zeros_like(cond)
+        return self._null.to(cond.device, cond.dtype).expand(cond.shape[0], -1, -1).clone()
 
 
 class ImageCondition:

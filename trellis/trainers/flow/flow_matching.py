@@ -36,7 +36,7 @@ from trellis.trainers.base import Trainer
 from trellis.trainers.flow.components import (
     CFGDropout,
     ImageCondition,
-    PrecomputedImageCondition,
+    PrecomputedCondition,
     RawCondition,
     TextCondition,
     keyed_generators,
@@ -255,6 +255,18 @@ class FlowMatchingCFGTrainer(FlowMatchingTrainer):
         self.cfg_dropout = dropout
 
 
+def precomputed_condition(dataset: Any, kind: str, model: str, arg: str) -> PrecomputedCondition:
+    """The condition of a dataset with ``cond_features``: its tokens must come from the trainer's
+    encoder (``trainer.args.<arg>``), else a clear error."""
+    name, info = dataset.cond_features, dataset.cond_feature_info
+    if info.get("kind", "image") != kind or info.get("model") != model:
+        raise ValueError(f"dataset.args.cond_features={name!r} holds {info.get('kind', 'image')} tokens of "
+                         f"{info.get('model')!r} but trainer.args.{arg}={model!r}: precomputed tokens must come "
+                         "from the trainer's encoder")
+    return PrecomputedCondition(kind, name, info["num_tokens"], info["channels"],
+                                getattr(dataset, "cond_feature_null", None))
+
+
 class ImageConditionedFlowMatchingCFGTrainer(FlowMatchingCFGTrainer):
     """Conditions on DINOv2 tokens of the dataset's images (encoded online, frozen).
 
@@ -270,16 +282,11 @@ class ImageConditionedFlowMatchingCFGTrainer(FlowMatchingCFGTrainer):
         self.image_cond_weights = image_cond_weights
         super().__init__(*args, **kwargs)
 
-    def make_condition(self) -> ImageCondition | PrecomputedImageCondition:
-        model = getattr(self.dataset, "cond_features", None)
-        if model is None:
-            return ImageCondition(self.image_cond_model, self.image_cond_weights,
-                                  int(getattr(self.dataset, "image_size", 518)), self.device)
-        if model != self.image_cond_model:
-            raise ValueError(f"dataset.args.cond_features={model!r} but trainer.args.image_cond_model="
-                             f"{self.image_cond_model!r}: precomputed tokens must come from the trainer's encoder")
-        info = self.dataset.cond_feature_info
-        return PrecomputedImageCondition(model, info["num_tokens"], info["channels"])
+    def make_condition(self) -> ImageCondition | PrecomputedCondition:
+        if getattr(self.dataset, "cond_features", None) is not None:
+            return precomputed_condition(self.dataset, "image", self.image_cond_model, "image_cond_model")
+        return ImageCondition(self.image_cond_model, self.image_cond_weights,
+                              int(getattr(self.dataset, "image_size", 518)), self.device)
 
 
 class TextConditionedFlowMatchingCFGTrainer(FlowMatchingCFGTrainer):
@@ -297,7 +304,9 @@ class TextConditionedFlowMatchingCFGTrainer(FlowMatchingCFGTrainer):
         self.text_cond_weights = text_cond_weights
         super().__init__(*args, **kwargs)
 
-    def make_condition(self) -> TextCondition:
+    def make_condition(self) -> TextCondition | PrecomputedCondition:
+        if getattr(self.dataset, "cond_features", None) is not None:
+            return precomputed_condition(self.dataset, "text", self.text_cond_model, "text_cond_model")
         return TextCondition(self.text_cond_model, self.text_cond_weights, self.device)
 
 
