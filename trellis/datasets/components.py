@@ -318,10 +318,10 @@ class PrecomputedCondMixin:
                 raise FileNotFoundError(f"{path}: not found (written by dataset_toolkits.encode_cond --kind text)")
             self.cond_feature_null = torch.from_numpy(np.load(path).astype(np.float32))
 
-    def _cond_filter(self, df: pd.DataFrame, column: str) -> tuple[pd.DataFrame, str]:
-        if self.cond_features is not None:
-            column = f"cond_feature_{self.cond_features}"
-        return flag_filter(df, column), column
+    def _cond_filter(self, df: pd.DataFrame, raw_flag: str | None) -> tuple[pd.DataFrame, str | None]:
+        """Rows with the precomputed tokens' flag, else with ``raw_flag`` (None: all rows); and that flag."""
+        flag = f"cond_feature_{self.cond_features}" if self.cond_features is not None else raw_flag
+        return (df if flag is None else flag_filter(df, flag)), flag
 
 
 class TextConditionedMixin(PrecomputedCondMixin):
@@ -339,10 +339,8 @@ class TextConditionedMixin(PrecomputedCondMixin):
         df, stats = super().filter_metadata(metadata)
         df = df[df["captions"].notna().to_numpy()] if "captions" in df.columns else df.iloc[:0]
         stats = stats + [("captions", len(df))]
-        if self.cond_features is not None:
-            df, column = self._cond_filter(df, "")
-            stats.append((column, len(df)))
-        return df, stats
+        df, flag = self._cond_filter(df, None)
+        return df, stats + ([(flag, len(df))] if flag else [])
 
     def get_instance(self, root: str, sha256: str, rng: np.random.Generator) -> dict[str, Any]:
         pack = super().get_instance(root, sha256, rng)
@@ -401,8 +399,8 @@ class ImageConditionedMixin(PrecomputedCondMixin):
 
     def filter_metadata(self, metadata: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
         df, stats = super().filter_metadata(metadata)
-        df, column = self._cond_filter(df, "cond_rendered")
-        return df, stats + [(column, len(df))]
+        df, flag = self._cond_filter(df, "cond_rendered")
+        return df, stats + [(flag, len(df))]
 
     def get_instance(self, root: str, sha256: str, rng: np.random.Generator) -> dict[str, Any]:
         pack = super().get_instance(root, sha256, rng)
