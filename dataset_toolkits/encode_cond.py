@@ -70,9 +70,10 @@ def write_model_info(root: str, name: str, kind: str, model: str,
     if kind == "image":
         info["image_size"] = int(conditioner.image_size)
     path = os.path.join(folder, "model.json")
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"  # workers may write it at the same time: same content, own temp files
+    with open(tmp, "w") as f:
         json.dump(info, f, indent=4)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 @torch.no_grad()

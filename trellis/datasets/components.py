@@ -307,9 +307,10 @@ class PrecomputedCondMixin:
         if self.cond_features is None:
             return
         infos = {r: cond_feature_info(r, self.cond_features) for r in self.roots}
-        shapes = {(i["num_tokens"], i["channels"]) for i in infos.values()}
-        if len(shapes) > 1:
-            raise ValueError(f"cond_features={self.cond_features!r}: the roots hold tokens of different shapes {infos}")
+        kinds = {(i.get("kind", "image"), i.get("model"), i["num_tokens"], i["channels"]) for i in infos.values()}
+        if len(kinds) > 1:
+            raise ValueError(f"cond_features={self.cond_features!r}: the roots hold tokens of different encoders or "
+                             f"shapes: {infos}")
         root, self.cond_feature_info = next(iter(infos.items()))
         self.cond_feature_null = None  # text: the encoding of the empty caption, [T, C]
         if self.cond_feature_info.get("kind") == "text":
