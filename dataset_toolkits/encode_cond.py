@@ -11,9 +11,9 @@ them with ``"cond_features": "<name>"`` in its args.
 model's last path part (``text_clip-vit-large-patch14``; ``text_tiny``). Output
 ``cond_features/<name>/<sha>.npy``: tokens [K, T, C] (float16 by default; ``--fp32`` keeps float32):
 the K views of ``renders_cond/<sha>/transforms.json`` in its frame order ([K, 1374, 1024] for
-DINOv2: 2.8 MB per view in float16), or the K captions of the metadata ``captions`` list in their
-order ([K, 77, 768] for CLIP); a plain ``.npy`` so that a dataset memory-maps it and reads only the
-entry it draws. ``cond_features/<name>/model.json``: kind, model, token count and width; for text
+DINOv2: 2.8 MB per view in float16; ``--views K`` keeps K evenly spaced views), or the K captions
+of the metadata ``captions`` list in their order ([K, 77, 768] for CLIP); a plain ``.npy`` so that
+a dataset memory-maps it and reads only the entry it draws. ``cond_features/<name>/model.json``: kind, model, token count and width; for text
 also ``null.npy``, the encoding of the empty caption (the null condition of classifier-free
 guidance).
 
@@ -78,8 +78,9 @@ def write_model_info(root: str, name: str, kind: str, model: str,
 
 @torch.no_grad()
 def encode_cond_one(conditioner: ImageConditioner | TextConditioner, root: str, name: str, row: dict,
-                    fp32: bool = False) -> str:
-    """Encodes every view (image) or caption (text) of one asset into ``cond_features/<name>/<sha>.npy``."""
+                    fp32: bool = False, views: int | None = None) -> str:
+    """Encodes every view (image; ``views``: only that many, evenly spaced) or caption (text) of one
+    asset into ``cond_features/<name>/<sha>.npy``."""
     sha256 = row["sha256"]
     if isinstance(conditioner, TextConditioner):
         where = f"{sha256} in {os.path.join(root, 'metadata.csv')}"
@@ -87,6 +88,8 @@ def encode_cond_one(conditioner: ImageConditioner | TextConditioner, root: str, 
     else:
         directory = os.path.join(root, "renders_cond", sha256)
         paths = [os.path.join(directory, fr["file_path"]) for fr in load_transforms(directory)]
+        if views and views < len(paths):  # evenly spaced over the frame order (the cameras' order)
+            paths = [paths[i] for i in np.linspace(0, len(paths) - 1, views).round().astype(int)]
         images = torch.stack([crop_condition(open_rgba(p), conditioner.image_size, p) for p in paths])  # [K,3,S,S]
         tokens = conditioner.encode(images)  # [K, T, C]
     tokens = tokens.float().cpu().numpy()
@@ -105,12 +108,12 @@ def _setup(kind: str, model: str, weights: str | None, device: str | None,
     return ImageConditioner(model, weights=weights, image_size=IMAGE_SIZE, batch_size=batch_size, device=dev)
 
 
-def _process(kind: str, model: str, fp32: bool, root: str, row: dict,
+def _process(kind: str, model: str, fp32: bool, views: int | None, root: str, row: dict,
              conditioner: ImageConditioner | TextConditioner) -> dict:
     name = feature_name(kind, model)
     if not os.path.isfile(os.path.join(cond_feature_dir(root, name), "model.json")):
         write_model_info(root, name, kind, model, conditioner, fp32)
-    encode_cond_one(conditioner, root, name, row, fp32)
+    encode_cond_one(conditioner, root, name, row, fp32, views)
     return {f"cond_feature_{name}": True}
 
 
@@ -124,13 +127,15 @@ def _with_captions(df):
 
 
 def make_stage(kind: str = "image", model: str = "dinov2_vitl14_reg", weights: str | None = None,
-               batch_size: int = 16, device: str | None = None, fp32: bool = False) -> Stage:
+               batch_size: int = 16, device: str | None = None, fp32: bool = False, views: int | None = None) -> Stage:
     """The ``cond_feature_<name>`` stage for ``run_stage`` (the encoder is built once per worker)."""
     if kind not in KINDS:
         raise ValueError(f"encode_cond: --kind must be one of {KINDS}, got {kind!r}")
+    if views is not None and (kind != "image" or views < 1):
+        raise ValueError(f"encode_cond: --views takes a positive count and only with --kind image, got {views}")
     name = feature_name(kind, model)
     column = f"cond_feature_{name}"
-    return Stage(name=column, columns=[column], process=partial(_process, kind, model, fp32),
+    return Stage(name=column, columns=[column], process=partial(_process, kind, model, fp32, views),
                  select=_with_captions if kind == "text" else partial(flag_select, "cond_rendered"),
                  check_done=partial(_check_done, name),
                  setup=partial(_setup, kind, model, weights, device, batch_size))
@@ -144,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="image: DINOv2 tokens of the renders_cond views; text: CLIP tokens of the captions "
                         "(then --model is the text model, default openai/clip-vit-large-patch14)")
     p.add_argument("--fp32", action="store_true", help="store float32 tokens (default float16, half the disk)")
+    p.add_argument("--views", type=int, default=None,
+                   help="image: encode only this many views per asset, evenly spaced (default all; 2.8 MB each "
+                        "in float16); training then draws among these")
     args = p.parse_args(argv)
     model = args.model
     if args.kind == "text" and model == "dinov2_vitl14_reg":  # the image default: take the text one
         model = "openai/clip-vit-large-patch14"
-    return run_stage_from_args(make_stage(args.kind, model, args.weights, args.batch_size, args.device, args.fp32),
-                               args)
+    return run_stage_from_args(make_stage(args.kind, model, args.weights, args.batch_size, args.device, args.fp32,
+                                          args.views), args)
 
 if __name__ == "__main__":
     sys.exit(main())

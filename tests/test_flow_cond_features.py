@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from test_flow_demo_data import SS_MODEL, train_losses_of, write_flow_root
 from test_flow_trainers import config
 
@@ -136,3 +137,29 @@ def test_sparse_dataset_collates_the_tokens_into_its_micro_batches(root):
     packs = ds.collate_fn([ds[i] for i in range(4)], split_size=2)
     assert [tuple(p["cond"].shape) for p in packs] == [(2, 1374, 64), (2, 1374, 64)]
     assert all(p["cond"].shape[0] == p["x_0"].batch_size for p in packs)
+
+
+def test_views_option_keeps_evenly_spaced_views(root, tmp_path):
+    import shutil
+
+    from dataset_toolkits import encode_cond
+
+    copy_root = str(tmp_path / "views")
+    shutil.copytree(root, copy_root)
+    sha = pd.read_csv(os.path.join(copy_root, "metadata.csv"))["sha256"][0]
+    directory = os.path.join(copy_root, "renders_cond", sha)
+    with open(os.path.join(directory, "transforms.json")) as f:
+        frames = json.load(f)["frames"]
+    for i in range(1, 5):  # five views: 000.png and four shifted copies
+        img = np.roll(np.asarray(open_rgba(os.path.join(directory, "000.png"))), 3 * i, axis=1)
+        Image.fromarray(img, "RGBA").save(os.path.join(directory, f"{i:03d}.png"))
+        frames.append(dict(frames[0], file_path=f"{i:03d}.png"))
+    with open(os.path.join(directory, "transforms.json"), "w") as f:
+        json.dump({"frames": frames}, f)
+    conditioner = ImageConditioner("tiny", image_size=518)
+    every = np.load(encode_cond.encode_cond_one(conditioner, copy_root, "tiny", {"sha256": sha}, fp32=True))
+    three = np.load(encode_cond.encode_cond_one(conditioner, copy_root, "tiny", {"sha256": sha}, fp32=True, views=3))
+    assert every.shape[0] == 5 and three.shape[0] == 3
+    np.testing.assert_allclose(three, every[[0, 2, 4]], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="--views"):
+        encode_cond.make_stage("text", "tiny", views=2)
