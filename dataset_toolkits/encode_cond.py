@@ -13,9 +13,9 @@ model's last path part (``text_clip-vit-large-patch14``; ``text_tiny``). Output
 the K views of ``renders_cond/<sha>/transforms.json`` in its frame order ([K, 1374, 1024] for
 DINOv2: 2.8 MB per view in float16; ``--views K`` keeps K evenly spaced views), or the K captions
 of the metadata ``captions`` list in their order ([K, 77, 768] for CLIP); a plain ``.npy`` so that
-a dataset memory-maps it and reads only the entry it draws. ``cond_features/<name>/model.json``: kind, model, token count and width; for text
-also ``null.npy``, the encoding of the empty caption (the null condition of classifier-free
-guidance).
+a dataset memory-maps it and reads only the entry it draws. ``cond_features/<name>/model.json``:
+kind, model, token count and width; for text also ``null.npy``, the encoding of the empty caption
+(the null condition of classifier-free guidance).
 
     python -m dataset_toolkits.encode_cond --output_dir D [--kind image|text] [--model M] [--weights PATH]
 """
@@ -23,7 +23,6 @@ guidance).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from functools import partial
@@ -34,8 +33,10 @@ import torch
 from dataset_toolkits.encode_latent import flag_select
 from dataset_toolkits.extract_feature import add_dinov2_args
 from dataset_toolkits.stage import Stage, add_common_args, run_stage_from_args
+from trellis.datasets.base import captions_filter
 from trellis.datasets.components import crop_condition, load_transforms, open_rgba, parse_captions
 from trellis.encoders.conditioners import ImageConditioner, TextConditioner
+from trellis.utils.io import atomic_path, atomic_write_json
 
 IMAGE_SIZE = 518
 KINDS = ("image", "text")
@@ -51,10 +52,8 @@ def cond_feature_dir(root: str, name: str) -> str:
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.save adds no ".npy"
+        np.save(f, array)
 
 
 def write_model_info(root: str, name: str, kind: str, model: str,
@@ -69,11 +68,7 @@ def write_model_info(root: str, name: str, kind: str, model: str,
             "channels": int(conditioner.channels)}
     if kind == "image":
         info["image_size"] = int(conditioner.image_size)
-    path = os.path.join(folder, "model.json")
-    tmp = f"{path}.tmp-{os.getpid()}"  # workers may write it at the same time: same content, own temp files
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=4)
-    os.replace(tmp, path)
+    atomic_write_json(os.path.join(folder, "model.json"), info)  # workers may race: same content, own temp files
 
 
 @torch.no_grad()
@@ -122,10 +117,6 @@ def _check_done(name: str, root: str, row: dict) -> dict | None:
     return {f"cond_feature_{name}": True} if os.path.isfile(path) else None
 
 
-def _with_captions(df):
-    return df[df["captions"].notna().to_numpy()] if "captions" in df.columns else df.iloc[:0]
-
-
 def make_stage(kind: str = "image", model: str = "dinov2_vitl14_reg", weights: str | None = None,
                batch_size: int = 16, device: str | None = None, fp32: bool = False, views: int | None = None) -> Stage:
     """The ``cond_feature_<name>`` stage for ``run_stage`` (the encoder is built once per worker)."""
@@ -136,7 +127,7 @@ def make_stage(kind: str = "image", model: str = "dinov2_vitl14_reg", weights: s
     name = feature_name(kind, model)
     column = f"cond_feature_{name}"
     return Stage(name=column, columns=[column], process=partial(_process, kind, model, fp32, views),
-                 select=_with_captions if kind == "text" else partial(flag_select, "cond_rendered"),
+                 select=captions_filter if kind == "text" else partial(flag_select, "cond_rendered"),
                  check_done=partial(_check_done, name),
                  setup=partial(_setup, kind, model, weights, device, batch_size))
 

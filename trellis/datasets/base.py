@@ -148,6 +148,11 @@ def flag_filter(df: pd.DataFrame, column: str) -> pd.DataFrame:
     return df[bool_column(df, column, "metadata.csv").to_numpy()]
 
 
+def captions_filter(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with a ``captions`` cell (a missing column keeps nothing)."""
+    return df[df["captions"].notna().to_numpy()] if "captions" in df.columns else df.iloc[:0]
+
+
 def num_voxels_filter(df: pd.DataFrame, max_num_voxels: int) -> pd.DataFrame:
     """Rows with ``num_voxels <= max_num_voxels`` (a missing column keeps nothing)."""
     if "num_voxels" not in df.columns:

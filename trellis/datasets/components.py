@@ -20,7 +20,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from trellis.datasets.base import ASSET_ERRORS, FailedSample, StandardDatasetBase, flag_filter
+from trellis.datasets.base import (
+    ASSET_ERRORS,
+    FailedSample,
+    StandardDatasetBase,
+    captions_filter,
+    flag_filter,
+)
 from trellis.modules.sparse import SparseTensor
 from trellis.utils.geometry import c2w_blender_to_extrinsics, fov_to_intrinsics
 
@@ -338,7 +344,7 @@ class TextConditionedMixin(PrecomputedCondMixin):
 
     def filter_metadata(self, metadata: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
         df, stats = super().filter_metadata(metadata)
-        df = df[df["captions"].notna().to_numpy()] if "captions" in df.columns else df.iloc[:0]
+        df = captions_filter(df)
         stats = stats + [("captions", len(df))]
         df, flag = self._cond_filter(df, None)
         return df, stats + ([(flag, len(df))] if flag else [])
@@ -359,8 +365,9 @@ def cond_feature_info(root: str, model: str) -> dict[str, Any]:
     """``cond_features/<model>/model.json`` of ``root`` (written by ``dataset_toolkits.encode_cond``)."""
     path = os.path.join(root, "cond_features", model, "model.json")
     if not os.path.isfile(path):
+        how = "--kind text --model <the text model>" if model.startswith("text_") else f"--model {model}"
         raise FileNotFoundError(f"{path}: not found; precompute the condition tokens with "
-                                f"`python -m dataset_toolkits.encode_cond --output_dir {root} --model {model}`")
+                                f"`python -m dataset_toolkits.encode_cond --output_dir {root} {how}`")
     with open(path) as f:
         return json.load(f)
 
