@@ -17,7 +17,7 @@ import torch
 from trellis.modules.sparse import SparseTensor
 from trellis.utils.device import to_device_async
 
-__all__ = ["keyed_seed", "keyed_generators", "keyed_randn_sparse", "RawCondition", "ImageCondition",
+__all__ = ["keyed_seed", "keyed_generators", "keyed_randn_sparse", "RawCondition", "PrecomputedCondition", "ImageCondition",
            "TextCondition", "CFGDropout"]
 
 
