@@ -192,16 +192,34 @@ KINDS = (  # kernel name pieces -> kind, first match wins
 )
 
 
-def kernel_kinds(prof) -> str:
-    """GPU time of one profiled step by kernel kind, and how much of the step's span the GPU was idle."""
-    sums, spans, count = {}, [], 0
+def _kernel_events(prof):
+    """(name, kind, GPU ms, (start, end)) of every GPU kernel of a profile."""
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time_total <= 0:
             continue
         name = ev.name.lower()
         kind = next((k for k, keys in KINDS if any(p in name for p in keys)), "other")
-        sums[kind] = sums.get(kind, 0.0) + ev.device_time_total / 1e3
-        spans.append((ev.time_range.start, ev.time_range.end))
+        yield ev.name, kind, ev.device_time_total / 1e3, (ev.time_range.start, ev.time_range.end)
+
+
+def kernel_table(prof, rows: int) -> str:
+    """The ``rows`` kernels of one profiled step with the most GPU time, by name (no host ops)."""
+    per = {}
+    for name, kind, ms, _ in _kernel_events(prof):
+        tot, n, _k = per.get(name, (0.0, 0, kind))
+        per[name] = (tot + ms, n + 1, kind)
+    lines = [f"{'GPU ms':>9s} {'calls':>6s} {'us/call':>8s}  {'kind':12s} kernel"]
+    for name, (tot, n, kind) in sorted(per.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"{tot:9.2f} {n:6d} {1e3 * tot / n:8.1f}  {kind.split()[0]:12s} {name[:140]}")
+    return "\n".join(lines) + "\n"
+
+
+def kernel_kinds(prof) -> str:
+    """GPU time of one profiled step by kernel kind, and how much of the step's span the GPU was idle."""
+    sums, spans, count = {}, [], 0
+    for _name, kind, ms, span in _kernel_events(prof):
+        sums[kind] = sums.get(kind, 0.0) + ms
+        spans.append(span)
         count += 1
     if not spans:
         return "no GPU events\n"
@@ -334,6 +352,8 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
                     f.write(table)
             with open(f"{stem}_kinds.txt", "w") as f:
                 f.write(kernel_kinds(prof))
+            with open(f"{stem}_kernels.txt", "w") as f:
+                f.write(kernel_table(prof, profile_rows))
     t = statistics.median(times)
     t_fb = statistics.median(fb_times)
     tp = statistics.median(piped) if piped else float("nan")
