@@ -100,9 +100,9 @@ _B16, _B32, _B64, _B128, _B256 = _buckets(
     (16, 16, 2, 16, 2), (32, 32, 4, 32, 4), (64, 64, 4, 64, 4), (128, 128, 8, 128, 8), (256, 32, 8, 32, 8))
 # No 16 bucket by default: windows of <= 16 voxels carry ~0.2% of the FLOPs of a surface workload and
 # cost no more bytes in a 32 tile (masked rows are not loaded), while each bucket is one more launch.
-# The 256 bucket (two pipeline stages) gave wrong results on an H200 in bf16 and needs more shared
-# memory than the card has for head dim > 64 (2026-11-26): it is left out of every variant but
-# "win_s1" (one stage), which passed.
+# The 256 bucket with two pipeline stages needs more shared memory than the card has for head dim > 64,
+# so only "win_s1" (one stage) and "win256" (head dim <= 64 only) have it. (It also gave wrong
+# gradients in bf16 until the backward's query-chunk loop stopped being pipelined, see _win_bwd_kernel.)
 _DEFAULT_BUCKETS = (_B32, _B64, _B128)
 
 # Window path. "buckets": increasing ``WindowBucket``s; an empty tuple turns the path off. "heads":
@@ -133,6 +133,7 @@ VARIANTS: dict[str, dict] = {
     "win": _variant(),  # window path, buckets 32-128, two pipeline stages, heads per program "auto"
     "win_s1": _variant(buckets=_stages((_B32, _B64, _B128, _B256), 1)),  # nothing pipelined, up to 256
     "win_max64": _variant(buckets=(_B32, _B64)),  # windows over 64 on the per-(window, head) kernels
+    "win256": _variant(buckets=(_B32, _B64, _B128, _B256)),  # "win" plus the 256 bucket; head dim <= 64
 }
 DEFAULT_VARIANT = "old"
 
@@ -494,13 +495,16 @@ def _win_bwd_kernel(
                                    IEEE, EVEN_D)
             _store_tile(DK, rows_k, h, sdk_r, sdk_h, offs_d, (dk * sm_scale), kv_mask)
             _store_tile(DV, rows_k, h, sdv_r, sdv_h, offs_d, dv, kv_mask)
-    else:  # keys once per head, dK and dV accumulated over query chunks; the chunk loop is pipelined
+    else:  # keys once per head, dK and dV accumulated over query chunks
+        # The chunk loop is not pipelined: with num_stages=2, Triton 3.6 gave wrong gradients on an H200
+        # for chunks of 32 at 128 and 256 keys, and for chunks of 64 with 8 warps (2026-11-26); one
+        # stage was correct and no slower (docs/PERFORMANCE_attention.md).
         for h in tl.range(h_lo, h_hi, num_stages=1):
             k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
             v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            for m0 in tl.range(0, n_q, BLOCK_M, num_stages=STAGES):
+            for m0 in tl.range(0, n_q, BLOCK_M, num_stages=1):
                 mask_m = m0 + offs_m < n_q
                 rows_q = _rows(IDXQ, q_lo + m0 + offs_m, mask_m, GATHER_Q)
                 dk_c, dv_c = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
