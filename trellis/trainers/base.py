@@ -118,6 +118,10 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
             outside; checkpoints, snapshots and state dicts use the plain models. A model with a
             ``compile_fused_regions`` method (the sparse SLat flow model, which dynamo cannot trace
             whole) gets its fused element-wise regions compiled instead (``trellis.modules.fused``).
+        deterministic: on CUDA, cuDNN's deterministic convolution algorithms chosen by its heuristics
+            (the same ones every run), so that a resumed run repeats an uninterrupted one. The default
+            (False) lets cuDNN time its algorithms and keep the fastest; the choice depends on the timing,
+            and some of them accumulate with atomics, so runs agree to float tolerance only.
     """
 
     def __init__(self, models: dict[str, nn.Module], dataset: Any, *, output_dir: str,
@@ -131,7 +135,7 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
                  i_print: int = 1000, i_log: int = 500, i_sample: int = 10000, i_save: int = 10000,
                  i_ddpcheck: int = 10000, keep_last: int | None = None, seed: int = 0,
                  num_workers: int | None = None, snapshot_samples: int = 16, wandb: dict | None = None,
-                 compile: bool | dict = False):
+                 compile: bool | dict = False, deterministic: bool = False):
         self.dist = dist or DistInfo()
         self.device = self.dist.device
         self.models = models
@@ -153,7 +157,9 @@ class Trainer(CheckpointMixin, SnapshotMixin, ToolsMixin):
         self.batch_size_per_gpu = self._per_gpu_batch(batch_size, batch_size_per_gpu, batch_split)
 
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed-shape convs: let cuDNN pick its fastest kernels
+            # fixed-shape convs: time the algorithms and keep the fastest, unless runs must repeat exactly
+            torch.backends.cudnn.benchmark = not deterministic
+            torch.backends.cudnn.deterministic = bool(deterministic)
         # Models: precision policy decides the fp16 torso; DDP wraps from outside.
         for model in models.values():
             if fp16_mode != "inflat_all" and getattr(model, "use_fp16", False) and hasattr(model, "convert_to_fp32"):
