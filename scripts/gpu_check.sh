@@ -7,10 +7,13 @@
 #   GPU_CHECK_LANES=1 bash scripts/gpu_check.sh   # one step at a time even with several GPUs
 #
 # With several GPUs the steps run side by side, one lane per GPU (CUDA_VISIBLE_DEVICES); the scaling
-# benchmark then runs alone on all of them. On a fresh 4-GPU machine (empty Triton and Inductor caches)
-# the whole check is more than one 10-minute device call: run it as two calls,
-#   GPU_CHECK_ONLY="tests" bash scripts/gpu_check.sh
+# benchmark then runs alone on all of them. GPU_CHECK_LANES may exceed the number of GPUs (at most 4):
+# lane i then uses GPU i mod (number of GPUs), e.g. the three test shards side by side on one GPU.
+# On a fresh machine (empty Triton and Inductor caches) the whole check is more than one 10-minute
+# device call: run it as two calls,
+#   GPU_CHECK_ONLY="tests" GPU_CHECK_LANES=3 bash scripts/gpu_check.sh   # 1 GPU: about 8.5 min with pytest-xdist
 #   GPU_CHECK_ONLY="ss_vae sparse attention train toolkit scaling" bash scripts/gpu_check.sh
+# (the benchmarks of the second call need a 4-GPU machine to fit in one call).
 # Each step is stopped after GPU_CHECK_STEP_TIMEOUT seconds (default 540) and reported as timed out, so
 # a call always ends with the summary. Benchmarks of one lane
 # share the host (CPU, PCIe) with the other lanes: compare rows within one run. Host-bound rows (the
@@ -37,10 +40,21 @@ wanted() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # name -> command; "tests" is three shards and "train" two, so that they spread over the GPUs
 GPU_TESTS="$PY -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short"
+# The GPU tests spend most of their time compiling Triton kernels, one at a time per process. With
+# pytest-xdist importable (carry its wheels in .whl/: `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 -d .whl pytest-xdist execnet`) each test shard runs in GPU_CHECK_TEST_WORKERS
+# processes (default 6) on its GPU, so the compilations run side by side. Not tests_flow: its real-size
+# models need most of a GPU each (six at once ran out of memory on an H200).
+GPU_TESTS_PAR=$GPU_TESTS
+if $PY -c "import xdist" 2>/dev/null; then
+    GPU_TESTS_PAR="$GPU_TESTS -n ${GPU_CHECK_TEST_WORKERS:-6}"
+else
+    echo "note: pytest-xdist is missing here; the GPU tests run in one process (slower: see the header)"
+fi
 declare -A CMD=(
-    [tests_attn]="$GPU_TESTS tests/test_attention.py"
+    [tests_attn]="$GPU_TESTS_PAR tests/test_attention.py"
     [tests_flow]="$GPU_TESTS tests/test_flow_configs_gpu.py"
-    [tests_rest]="$GPU_TESTS tests --ignore=tests/test_flow_configs_gpu.py --ignore=tests/test_attention.py"
+    [tests_rest]="$GPU_TESTS_PAR tests --ignore=tests/test_flow_configs_gpu.py --ignore=tests/test_attention.py"
     [ss_vae]="$PY scripts/bench_ss_vae.py"
     [sparse]="$PY scripts/bench_sparse.py"
     [attention]="$PY scripts/bench_attention.py"
@@ -50,10 +64,10 @@ declare -A CMD=(
     [train_split1]="$PY scripts/bench_train.py --which slat --modes none --compile slat:inflat_all --batch_split 1"
     [toolkit]="$PY scripts/bench_toolkit.py --device cuda --limit 5 --stages render,voxelize,extract_feature"
 )
-# rough durations (s) on a fresh 4x H200 machine with all lanes busy (2026-11-26; the tests_attn and
-# train figures are lower bounds: those steps did not finish inside one call), longest first: used
+# rough durations (s) on a fresh H200 machine with other lanes busy (2026-11-26; the test shards with
+# pytest-xdist, the three shards sharing one GPU; the train figures are lower bounds), longest first: used
 # to balance the lanes
-declare -A EST=([tests_attn]=600 [tests_rest]=300 [tests_flow]=290 [train_slat]=300 [train_ss]=250
+declare -A EST=([tests_attn]=490 [tests_rest]=310 [tests_flow]=290 [train_slat]=300 [train_ss]=250
                 [attention]=180 [train_split1]=150 [toolkit]=90 [sparse]=60 [ss_vae]=60 [attention_dense]=30)
 steps=()
 for s in tests_attn tests_rest train_slat tests_flow train_ss attention train_split1 toolkit sparse ss_vae \
@@ -83,6 +97,7 @@ report() {  # report NAME: tail of the log and the exit code; returns the exit c
 
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
+[ "$ngpu" -ge 1 ] || { echo "no CUDA device"; exit 1; }
 lanes=${GPU_CHECK_LANES:-$ngpu}
 [ "$lanes" -gt 4 ] && lanes=4
 [ "$lanes" -lt 1 ] && lanes=1
@@ -99,9 +114,9 @@ else
         load[best]=$((load[best] + EST[$s])); plan[best]="${plan[best]} $s"
     done
     for ((lane = 0; lane < lanes; lane++)); do
-        echo "lane $lane (GPU $lane):${plan[lane]}"
+        echo "lane $lane (GPU $((lane % ngpu))):${plan[lane]}"
         (
-            export CUDA_VISIBLE_DEVICES=$lane
+            export CUDA_VISIBLE_DEVICES=$((lane % ngpu))
             for s in ${plan[lane]}; do run_step "$s"; done
         ) &
     done
