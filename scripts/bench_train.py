@@ -193,9 +193,12 @@ KINDS = (  # kernel name pieces -> kind, first match wins
 
 
 def _kernel_events(prof):
-    """(name, kind, GPU ms, (start, end)) of every GPU kernel of a profile."""
+    """(name, kind, GPU ms, (start, end)) of every GPU kernel of a profile. GPU-side user annotations
+    (e.g. ``Optimizer.step#AdamW.step``, the span of the optimizer's kernels) are not kernels: left out."""
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time_total <= 0:
+            continue
+        if getattr(ev, "is_user_annotation", False):
             continue
         name = ev.name.lower()
         kind = next((k for k, keys in KINDS if any(p in name for p in keys)), "other")
