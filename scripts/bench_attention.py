@@ -205,6 +205,71 @@ def time_packed(qkv, plan: VarlenPlan, args, backend: str = "triton") -> tuple[f
     return cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
 
 
+def _check_ref(qkv: torch.Tensor, plan: VarlenPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output gradient, float32 reference output, its qkv gradient) of the ``torch`` backend."""
+    leaf = qkv.detach().float().requires_grad_(True)
+    out = attention_with_plan(*leaf.unbind(1), plan, backend="torch")
+    g = torch.randn_like(out)
+    return g, out.detach(), torch.autograd.grad(out, [leaf], g)[0]
+
+
+def _check_note(qkv: torch.Tensor, plan: VarlenPlan, backend: str, packed: bool, ref) -> str:
+    """Relative error of one row's output and qkv gradient against ``ref`` (``_check_ref``)."""
+    g, ref_out, ref_grad = ref
+    out = (packed_attention_with_plan(qkv, plan, backend=backend) if packed
+           else attention_with_plan(*qkv.unbind(1), plan, backend=backend))
+    grad = torch.autograd.grad(out, [qkv], g.to(out.dtype))[0]
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    return f"err o={rel(out, ref_out):.1e} d={rel(grad, ref_grad):.1e}"
+
+
+def _time_rows(name: str, qkv: torch.Tensor, plan: VarlenPlan, flops: float, args, suffix: str = "") -> list[dict]:
+    """One row per backend (and Triton variant) of self-attention over ``qkv [N, 3, H, d]``."""
+    q, k, v = qkv.unbind(1)
+    ref = _check_ref(qkv, plan) if args.check else None
+    rows = []
+    for backend in _backends(qkv.dtype, args):
+        if backend == "torch_seq" and plan.num_seqs > MANY_SEQS and not SMOKE:
+            print(f"  torch_seq skipped: one SDPA call per sequence, {plan.num_seqs} sequences "
+                  f"(measured 2026-11-26: 55-94 ms per call on the swin cases, 0.1-0.5 TFLOP/s)")
+            continue
+        runs = _triton_runs(plan, args) if backend == "triton" else [(backend, None, None)]
+        if backend == "torch_seq" and args.packed:
+            runs.append(("torch_seq[packed]", None, None))
+        for label, variant, cfg in runs:
+            note = _set_triton(variant, cfg) if variant is not None else ""
+            packed = label.endswith("packed]")
+            be = ("torch_seq" if label.startswith("torch_seq") else "triton") if packed else backend
+            try:
+                if packed:
+                    t_f, t_fb = time_packed(qkv, plan, args, be)
+                else:
+                    t_f, t_fb = time_varlen(q, k, v, [qkv], plan, backend, args)
+                if ref is not None:
+                    note = " ".join(filter(None, (note, _check_note(qkv, plan, be, packed, ref))))
+            except (RuntimeError, ValueError) as e:  # report and continue with the other backends
+                print(f"  {label}{suffix} {note} failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            finally:
+                if variant is not None:
+                    _set_triton(_default_variant(), None)
+            rows.append(_row(name, label + suffix, flops, t_f, t_fb, note))
+            print(_fmt(rows[-1]))
+    return rows
+
+
+def _copy_rates(qkv: torch.Tensor, index: torch.Tensor, args) -> None:
+    """Prints the rate of copying the qkv rows through the row index and contiguously (a bandwidth scale)."""
+    src = qkv.detach()
+    moved = 2 * src.numel() * src.element_size()  # read + write
+    for label, fn in (("gathered (index_select)", lambda: src.index_select(0, index)), ("contiguous", src.clone)):
+        ms = cuda_median_ms(fn, args.warmup, args.reps)
+        print(f"  copy of the qkv rows, {label}: {ms:.3f} ms, {moved / ms / 1e9:.2f} TB/s")
+
+
 def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, args, dense_L: int | None) -> list[dict]:
     dtype = torch.bfloat16
     x = SparseTensor(torch.zeros(coords.shape[0], 1, device=DEVICE), coords.to(DEVICE))
@@ -216,37 +281,52 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
     print(f"[{name}] N={N} seqs={plan.num_seqs} mean_len={N / max(1, plan.num_seqs):.1f} max_len={plan.max_q} "
           f"fwd GFLOP={flops / 1e9:.2f}")
     qkv = torch.randn(N, 3, H, d, device=DEVICE, dtype=dtype, requires_grad=True)
-    q, k, v = qkv.unbind(1)
-    rows = []
-    for backend in _backends(dtype, args):
-        if backend == "torch_seq" and plan.num_seqs > MANY_SEQS and not SMOKE:
-            print(f"  torch_seq skipped: one SDPA call per sequence, {plan.num_seqs} sequences "
-                  f"(measured 2026-11-26: 55-94 ms per call on the swin cases, 0.1-0.5 TFLOP/s)")
-            continue
-        runs = _triton_runs(plan, args) if backend == "triton" else [(backend, None, None)]
-        if backend == "torch_seq" and args.packed:
-            runs.append(("torch_seq[packed]", None, None))
-        for label, variant, cfg in runs:
-            note = _set_triton(variant, cfg) if variant is not None else ""
-            try:
-                if label.endswith("packed]"):
-                    t_f, t_fb = time_packed(qkv, plan, args, "torch_seq" if label.startswith("torch_seq") else "triton")
-                else:
-                    t_f, t_fb = time_varlen(q, k, v, [qkv], plan, backend, args)
-            except (RuntimeError, ValueError) as e:  # report and continue with the other backends
-                print(f"  {label} {note} failed: {type(e).__name__}: {str(e)[:300]}")
-                continue
-            finally:
-                if variant is not None:
-                    _set_triton(_default_variant(), None)
-            rows.append(_row(name, label, flops, t_f, t_fb, note))
-            print(_fmt(rows[-1]))
+    rows = _time_rows(name, qkv, plan, flops, args)
+    if args.window_order and plan.index_q is not None:
+        # the same sequences with their rows already in sequence order: no row index to gather through
+        index = plan.index_q.to(DEVICE)
+        _copy_rates(qkv, index, args)
+        ordered = qkv.detach().index_select(0, index).requires_grad_(True)
+        rows += _time_rows(name, ordered, VarlenPlan(plan.cu_q), flops, args, suffix="@ordered")
     if dense_L is not None:
         B = max(1, round(N / dense_L))
         t_f, t_fb = time_dense(B, dense_L, H, d, dtype, args)
         rows.append(_row(name, f"dense_sdpa[{B}x{dense_L}]", B * 4.0 * dense_L * dense_L * C, t_f, t_fb))
         print(_fmt(rows[-1]))
     return rows
+
+
+def _add_custom_variant(args) -> None:
+    """Registers ``--window-buckets`` / ``--window-heads`` as the Triton variant "custom" and adds it to
+    ``--triton-variants`` when that names variants."""
+    try:
+        from trellis.modules.attention import triton_varlen as tv
+    except ImportError as e:
+        raise SystemExit(f"--window-buckets needs the Triton kernels: {e}") from e
+
+    buckets = []
+    for spec in args.window_buckets:
+        try:
+            fields = [int(f) for f in spec.split(":")]
+            buckets.append(tv.WindowBucket(*fields))
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"--window-buckets {spec!r}: expected BLOCK:FWD_M:FWD_WARPS:BWD_M:BWD_WARPS[:STAGES] "
+                             f"integers ({e})") from e
+    heads = args.window_heads if args.window_heads == "auto" else int(args.window_heads)
+    tv.VARIANTS["custom"] = tv._variant(buckets=tuple(buckets), heads=heads)
+    saved = (dict(tv.WINDOW_CONFIG), dict(tv.BLOCK_CONFIG))
+    try:
+        tv.use_variant("custom")
+        tv._window_buckets()  # validates the buckets
+    except ValueError as e:
+        raise SystemExit(f"--window-buckets: {e}") from e
+    finally:
+        tv.WINDOW_CONFIG.clear()
+        tv.WINDOW_CONFIG.update(saved[0])
+        tv.BLOCK_CONFIG.clear()
+        tv.BLOCK_CONFIG.update(saved[1])
+    if args.triton_variants is not None and "custom" not in args.triton_variants:
+        args.triton_variants.append("custom")
 
 
 def _default_variant() -> str:
@@ -359,6 +439,16 @@ def main() -> None:
     ap.add_argument("--triton-configs", nargs="*", default=None,
                     help="long-path blocks BM,BN,warps for fwd, bwd_kv, bwd_q [, bwd_fused] (9 or 12 ints each), "
                          "applied on top of each variant (default: the variant's own)")
+    ap.add_argument("--window-buckets", nargs="*", default=None, metavar="BLOCK:FWD_M:FWD_WARPS:BWD_M:BWD_WARPS[:STAGES]",
+                    help="also time a Triton variant 'custom' with these window buckets (triton_varlen.WindowBucket "
+                         "fields, e.g. 32:32:4:32:4 64:64:4:64:4 128:64:4:64:4)")
+    ap.add_argument("--window-heads", default="auto",
+                    help="heads per window program of the 'custom' variant: 'auto', 0 (all) or a number")
+    ap.add_argument("--window-order", action="store_true",
+                    help="swin cases: also time every row with the rows already in window order (no row index; "
+                         "rows '...@ordered') and print the rate of copying the rows through the index")
+    ap.add_argument("--check", action="store_true",
+                    help="note each row's relative error (output, qkv gradient) against the float32 torch backend")
     ap.add_argument("--no-packed", dest="packed", action="store_false",
                     help="leave out the row 'triton[DEFAULT,packed]' (packed_attention_with_plan)")
     ap.add_argument("--warmup", type=int, default=5)
@@ -372,6 +462,8 @@ def main() -> None:
         args.warmup, args.reps, args.backends = 0, 1, ["torch", "torch_seq"]
     elif not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs a CUDA device (or --smoke)")
+    if args.window_buckets is not None:
+        _add_custom_variant(args)
     peak = bf16_peak_tflops(DEVICE, reps=10) if not SMOKE else float("nan")
     device_name = torch.cuda.get_device_name() if not SMOKE else "cpu"
     print(f"device {device_name} torch {torch.__version__}; bf16 8192^3 matmul {peak:.0f} TFLOP/s")

@@ -6,8 +6,10 @@ tokens and cross-attention from them to the 1374 DINOv2 tokens, 16 heads of 64, 
 backend (cuDNN, FlashAttention-2), with q, k, v either views of one packed projection output (as
 the model makes them: ``[B, L, 3, H, d]`` transposed) or contiguous ``[B, H, L, d]``. ``cross1408``
 pads the keys to 11 x 128 to show what the ragged last key tile costs (the padded result would
-differ; a cost estimate only). FLOPs: forward 4 B H Lq Lk d, backward counted as 2 x forward
-(``bench_train.py``'s convention); "bwd" = (forward + backward) - forward.
+differ; a cost estimate only); ``cross1408m`` pads them the same way behind an additive ``-inf``
+attention mask on the 34 pad keys, which keeps the result exact, and counts only the 1374 real keys'
+FLOPs (whether a masked full tile beats the ragged one). FLOPs: forward 4 B H Lq Lk d, backward
+counted as 2 x forward (``bench_train.py``'s convention); "bwd" = (forward + backward) - forward.
 
     python scripts/bench_sdpa_dense.py [--reps 20]
 """
@@ -44,12 +46,23 @@ def operands(lq: int, lk: int, layout: str, dtype: torch.dtype) -> tuple[list[to
     return [q.transpose(1, 2)] + [t.transpose(1, 2) for t in kv.unbind(2)], [q, kv]
 
 
-def time_case(q, k, v, leaves, grad, backend: SDPBackend, reps: int) -> tuple[float, float]:
+def time_case(q, k, v, leaves, grad, backend: SDPBackend, reps: int,
+              mask: torch.Tensor | None = None) -> tuple[float, float]:
     """Median ms of the forward and of forward + backward under ``backend``."""
+    def attn():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     with sdpa_kernel(backend):
-        fwd = cuda_time_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps)
-        both = cuda_time_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), leaves, grad), reps)
+        fwd = cuda_time_ms(attn, reps)
+        both = cuda_time_ms(lambda: torch.autograd.grad(attn(), leaves, grad), reps)
     return fwd, both
+
+
+def pad_mask(lk: int, real: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[1, 1, 1, lk]`` mask: 0 on the first ``real`` keys, -inf on the padding."""
+    m = torch.zeros(1, 1, 1, lk, device="cuda", dtype=dtype)
+    m[..., real:] = float("-inf")
+    return m
 
 
 def main() -> None:
@@ -63,13 +76,15 @@ def main() -> None:
           f"{'TFLOP/s':>8s} {'bwd ms':>8s} {'TFLOP/s':>8s}")
     cases = [("self", L, L, layout, be) for layout in ("packed", "contig") for be in BACKENDS]
     cases += [("cross", L, L_COND, layout, be) for layout in ("packed", "contig") for be in BACKENDS]
-    cases += [("cross1408", L, 1408, "contig", "cudnn")]
+    cases += [("cross1408", L, 1408, "contig", "cudnn"), ("cross1408m", L, 1408, "contig", "cudnn")]
     for name, lq, lk, layout, be in cases:
         (q, k, v), leaves = operands(lq, lk, layout, torch.bfloat16)
         grad = torch.randn(B, H, lq, D, device="cuda", dtype=torch.bfloat16)
-        flops = 4 * B * H * lq * lk * D
+        masked = name.endswith("m")
+        mask = pad_mask(lk, L_COND, torch.bfloat16) if masked else None
+        flops = 4 * B * H * lq * (L_COND if masked else lk) * D
         try:
-            fwd, both = time_case(q, k, v, leaves, grad, BACKENDS[be], args.reps)
+            fwd, both = time_case(q, k, v, leaves, grad, BACKENDS[be], args.reps, mask)
         except RuntimeError as e:  # a backend that does not take these inputs on this card
             print(f"{name:9s} {layout:7s} {be:7s} not available: {str(e).splitlines()[0][:80]}")
             continue
