@@ -304,27 +304,21 @@ def _add_custom_variant(args) -> None:
     except ImportError as e:
         raise SystemExit(f"--window-buckets needs the Triton kernels: {e}") from e
 
-    buckets = []
+    form = "BLOCK:FWD_M:FWD_WARPS:BWD_M:BWD_WARPS[:STAGES], all integers"
+    rows = []
     for spec in args.window_buckets:
         try:
-            fields = [int(f) for f in spec.split(":")]
-            buckets.append(tv.WindowBucket(*fields))
-        except (ValueError, TypeError) as e:
-            raise SystemExit(f"--window-buckets {spec!r}: expected BLOCK:FWD_M:FWD_WARPS:BWD_M:BWD_WARPS[:STAGES] "
-                             f"integers ({e})") from e
-    heads = args.window_heads if args.window_heads == "auto" else int(args.window_heads)
-    tv.VARIANTS["custom"] = tv._variant(buckets=tuple(buckets), heads=heads)
-    saved = (dict(tv.WINDOW_CONFIG), dict(tv.BLOCK_CONFIG))
+            rows.append(tuple(int(f) for f in spec.split(":")))
+        except ValueError as e:
+            raise SystemExit(f"--window-buckets {spec!r}: expected {form}") from e
+        if not 5 <= len(rows[-1]) <= 6:
+            raise SystemExit(f"--window-buckets {spec!r}: expected {form}")
     try:
-        tv.use_variant("custom")
-        tv._window_buckets()  # validates the buckets
+        buckets = tv.check_buckets(rows)
     except ValueError as e:
         raise SystemExit(f"--window-buckets: {e}") from e
-    finally:
-        tv.WINDOW_CONFIG.clear()
-        tv.WINDOW_CONFIG.update(saved[0])
-        tv.BLOCK_CONFIG.clear()
-        tv.BLOCK_CONFIG.update(saved[1])
+    heads = args.window_heads if args.window_heads == "auto" else int(args.window_heads)
+    tv.VARIANTS["custom"] = tv._variant(buckets=buckets, heads=heads)
     if args.triton_variants is not None and "custom" not in args.triton_variants:
         args.triton_variants.append("custom")
 

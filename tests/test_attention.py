@@ -458,6 +458,11 @@ def test_triton_variants_are_valid():
         tv.BLOCK_CONFIG.update(saved[1])
     # the window path is measured but off by default (not faster on an H200)
     assert tv.DEFAULT_VARIANT == "old" and not tv.WINDOW_CONFIG["buckets"]
+    assert tv.check_buckets([(32, 32, 4, 32, 4), (128, 64, 4, 64, 8, 1)])[1].stages == 1
+    for bad, msg in (([(48, 32, 4, 32, 4)], "powers of two >= 16"), ([(64, 64, 4, 64, 4), (32, 32, 4, 32, 4)], "increasing"),
+                     ([(64, 128, 4, 64, 4)], "from 16 to block"), ([(64, 64, 4, 64, 4, 0)], "stages")):
+        with pytest.raises(ValueError, match=msg):
+            tv.check_buckets(bad)
 
 
 def test_triton_long_path_blocks_by_dtype_and_head_dim():

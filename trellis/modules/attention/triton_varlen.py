@@ -53,7 +53,7 @@ import triton.language as tl
 from trellis.modules.attention.varlen import VarlenPlan
 
 __all__ = ["triton_varlen_attention", "triton_packed_attention", "BLOCK_CONFIG", "BLOCK_CONFIG_16BIT_D64",
-           "WINDOW_CONFIG", "WindowBucket",
+           "WINDOW_CONFIG", "WindowBucket", "check_buckets",
            "VARIANTS", "DEFAULT_VARIANT", "use_variant"]
 
 # Long path: (BLOCK_M, BLOCK_N, num_warps) for the forward and the two backward kernels.
@@ -497,8 +497,9 @@ def _win_bwd_kernel(
             _store_tile(DV, rows_k, h, sdv_r, sdv_h, offs_d, dv, kv_mask)
     else:  # keys once per head, dK and dV accumulated over query chunks
         # The chunk loop is not pipelined: with num_stages=2, Triton 3.6 gave wrong gradients on an H200
-        # for chunks of 32 at 128 and 256 keys, and for chunks of 64 with 8 warps (2026-11-26); one
-        # stage was correct and no slower (docs/PERFORMANCE_attention.md).
+        # for chunks of 32 at 128 and 256 keys, and for chunks of 64 with 8 warps (2026-11-26); with one
+        # stage all were correct, and unpipelined chunks were not slower in the same sweep
+        # (docs/PERFORMANCE_attention.md, session 6).
         for h in tl.range(h_lo, h_hi, num_stages=1):
             k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
             v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
@@ -539,7 +540,12 @@ _FUSED, _LONG, _EMPTY = -1, -2, -3  # routes besides a window bucket index
 
 def _window_buckets() -> tuple[WindowBucket, ...]:
     """``WINDOW_CONFIG["buckets"]``, checked."""
-    buckets = tuple(WindowBucket(*b) for b in WINDOW_CONFIG["buckets"])
+    return check_buckets(WINDOW_CONFIG["buckets"])
+
+
+def check_buckets(rows) -> tuple[WindowBucket, ...]:
+    """``rows`` (``WindowBucket``s or tuples of their fields) as buckets; ValueError if one is invalid."""
+    buckets = tuple(WindowBucket(*b) for b in rows)
     prev = 0
     for b in buckets:
         if b.block < 16 or b.block & (b.block - 1) or b.block <= prev:
