@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import bf16_peak_tflops, cuda_time_ms  # noqa: E402
+from bench_common import bf16_peak_tflops, copy_bandwidth_tbs, cuda_time_ms, kernel_time_ms  # noqa: E402
 
 from trellis.modules.attention.backend import backend_unavailable_reason  # noqa: E402
 from trellis.modules.attention.varlen import (  # noqa: E402
@@ -97,6 +97,14 @@ def self_flops(lens: list[int], C: int) -> float:
     return sum(4.0 * n * n * C for n in lens)
 
 
+def _time_pair(fwd: Callable[[], object], fwd_bwd: Callable[[], object], args) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) by CUDA events; with ``--kernel-time`` also the GPU kernel time
+    of each (``bench_common.kernel_time_ms``), left in ``args.last_kernel_ms``."""
+    times = cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
+    args.last_kernel_ms = (kernel_time_ms(fwd), kernel_time_ms(fwd_bwd)) if args.kernel_time and not SMOKE else None
+    return times
+
+
 def time_varlen(q, k, v, leaves: list, plan: VarlenPlan, backend: str, args) -> tuple[float, float]:
     """(forward ms, forward+backward ms) of ``attention_with_plan``; gradients wrt ``leaves``."""
     g = torch.randn(q.shape, device=q.device, dtype=q.dtype)
@@ -109,7 +117,7 @@ def time_varlen(q, k, v, leaves: list, plan: VarlenPlan, backend: str, args) -> 
         out = attention_with_plan(q, k, v, plan, backend=backend)
         torch.autograd.grad(out, leaves, g)
 
-    return cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
+    return _time_pair(fwd, fwd_bwd, args)
 
 
 def time_dense(B: int, L: int, H: int, d: int, dtype, args, Lkv: int | None = None) -> tuple[float, float]:
@@ -127,12 +135,20 @@ def time_dense(B: int, L: int, H: int, d: int, dtype, args, Lkv: int | None = No
     def fwd_bwd():
         torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), g)
 
-    return cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
+    return _time_pair(fwd, fwd_bwd, args)
 
 
-def _row(case: str, backend: str, flops: float, t_f: float, t_fb: float, extra: str = "") -> dict:
-    return {"case": case, "backend": backend, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
-            "fwd_tflops": flops / t_f / 1e9, "fwd_bwd_tflops": 3 * flops / t_fb / 1e9, "note": extra}
+def _row(case: str, backend: str, flops: float, t_f: float, t_fb: float, extra: str = "",
+         kernel_ms: tuple[float, float] | None = None) -> dict:
+    row = {"case": case, "backend": backend, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+           "fwd_tflops": flops / t_f / 1e9, "fwd_bwd_tflops": 3 * flops / t_fb / 1e9, "note": extra}
+    if kernel_ms is not None:  # --kernel-time: the same rates over the GPU kernel time alone
+        k_f, k_fb = kernel_ms
+        row.update(fwd_kernel_ms=k_f, fwd_bwd_kernel_ms=k_fb, fwd_kernel_tflops=flops / k_f / 1e9,
+                   fwd_bwd_kernel_tflops=3 * flops / k_fb / 1e9)
+        row["note"] = " ".join(filter(None, (f"kernels: fwd {k_f:.3f} ms {row['fwd_kernel_tflops']:.1f} TF/s, "
+                                             f"fwd+bwd {k_fb:.3f} ms {row['fwd_bwd_kernel_tflops']:.1f} TF/s", extra)))
+    return row
 
 
 def _backends(dtype, args) -> list[str]:
@@ -202,7 +218,7 @@ def time_packed(qkv, plan: VarlenPlan, args, backend: str = "triton") -> tuple[f
     def fwd_bwd():
         torch.autograd.grad(packed_attention_with_plan(qkv, plan, backend=backend), [qkv], g)
 
-    return cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
+    return _time_pair(fwd, fwd_bwd, args)
 
 
 def _check_ref(qkv: torch.Tensor, plan: VarlenPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,7 +272,7 @@ def _time_rows(name: str, qkv: torch.Tensor, plan: VarlenPlan, flops: float, arg
             finally:
                 if variant is not None:
                     _set_triton(_default_variant(), None)
-            rows.append(_row(name, label + suffix, flops, t_f, t_fb, note))
+            rows.append(_row(name, label + suffix, flops, t_f, t_fb, note, args.last_kernel_ms))
             print(_fmt(rows[-1]))
     return rows
 
@@ -270,6 +286,22 @@ def _copy_rates(qkv: torch.Tensor, index: torch.Tensor, args) -> None:
         print(f"  copy of the qkv rows, {label}: {ms:.3f} ms, {moved / ms / 1e9:.2f} TB/s")
 
 
+def _print_roofline(N: int, C: int, H: int, size: int, flops: float, args) -> None:
+    """The fastest any kernel could run self-attention over N rows that must come from and go to memory,
+    at the measured copy rate: forward reads q, k, v and writes the output and the LSE (4 bytes per row
+    and head); backward reads q, k, v, dO and the LSE and writes dq, dk, dv (delta from P and dP, so no
+    read of the output). Both ignore the row index and any re-read."""
+    if args.bandwidth is None:
+        args.bandwidth = copy_bandwidth_tbs(DEVICE) if not SMOKE else float("nan")
+    bw = args.bandwidth * 1e12
+    fwd_b = N * (4 * C * size + 4 * H)
+    bwd_b = N * (7 * C * size + 4 * H)
+    t_f, t_fb = fwd_b / bw * 1e3, (fwd_b + bwd_b) / bw * 1e3
+    print(f"  roofline at the measured copy rate {args.bandwidth:.2f} TB/s: fwd {fwd_b / 1e6:.0f} MB, >= {t_f:.3f} ms "
+          f"(<= {flops / t_f / 1e9:.0f} TF/s); fwd+bwd {(fwd_b + bwd_b) / 1e6:.0f} MB, >= {t_fb:.3f} ms "
+          f"(<= {3 * flops / t_fb / 1e9:.0f} TF/s)")
+
+
 def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, args, dense_L: int | None) -> list[dict]:
     dtype = torch.bfloat16
     x = SparseTensor(torch.zeros(coords.shape[0], 1, device=DEVICE), coords.to(DEVICE))
@@ -281,6 +313,8 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
     print(f"[{name}] N={N} seqs={plan.num_seqs} mean_len={N / max(1, plan.num_seqs):.1f} max_len={plan.max_q} "
           f"fwd GFLOP={flops / 1e9:.2f}")
     qkv = torch.randn(N, 3, H, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    if args.roofline:
+        _print_roofline(N, C, H, qkv.element_size(), flops, args)
     rows = _time_rows(name, qkv, plan, flops, args)
     if args.window_order and plan.index_q is not None:
         # the same sequences with their rows already in sequence order: no row index to gather through
@@ -291,7 +325,8 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
     if dense_L is not None:
         B = max(1, round(N / dense_L))
         t_f, t_fb = time_dense(B, dense_L, H, d, dtype, args)
-        rows.append(_row(name, f"dense_sdpa[{B}x{dense_L}]", B * 4.0 * dense_L * dense_L * C, t_f, t_fb))
+        rows.append(_row(name, f"dense_sdpa[{B}x{dense_L}]", B * 4.0 * dense_L * dense_L * C, t_f, t_fb,
+                         kernel_ms=args.last_kernel_ms))
         print(_fmt(rows[-1]))
     return rows
 
@@ -443,6 +478,12 @@ def main() -> None:
                          "rows '...@ordered') and print the rate of copying the rows through the index")
     ap.add_argument("--check", action="store_true",
                     help="note each row's relative error (output, qkv gradient) against the float32 torch backend")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="also note each row's GPU kernel time (summed kernel durations from the profiler, no host "
+                         "launch time) and the rates over it")
+    ap.add_argument("--roofline", action="store_true",
+                    help="self-attention cases: print the least time the memory traffic allows at the measured "
+                         "contiguous copy rate, and the TFLOP/s that caps")
     ap.add_argument("--no-packed", dest="packed", action="store_false",
                     help="leave out the row 'triton[DEFAULT,packed]' (packed_attention_with_plan)")
     ap.add_argument("--warmup", type=int, default=5)
@@ -450,6 +491,7 @@ def main() -> None:
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that only checks the script works")
     args = ap.parse_args()
+    args.last_kernel_ms, args.bandwidth = None, None
     global DEVICE, SMOKE
     if args.smoke:
         DEVICE, SMOKE = "cpu", True

@@ -31,3 +31,39 @@ def bf16_peak_tflops(device: torch.device | str = "cuda", reps: int = 20) -> flo
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     ms = cuda_time_ms(lambda: a @ b, reps=reps, warmup=5)
     return 2 * 8192 ** 3 / ms / 1e9
+
+
+def gpu_kernels(prof):
+    """The GPU kernel events of a ``torch.profiler`` profile. GPU-side user annotations (e.g.
+    ``Optimizer.step#AdamW.step``, the span of the optimizer's kernels) are not kernels: left out."""
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time_total <= 0:
+            continue
+        if getattr(ev, "is_user_annotation", False):
+            continue
+        yield ev
+
+
+def kernel_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
+    """Median over ``reps`` profiled calls of the summed durations of the GPU kernels ``fn()`` launches:
+    the device's share of a call, without the host's launch time (which a training step hides behind
+    the GPU work queued before it, but a lone call's CUDA-event time includes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    sums = []
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        sums.append(sum(ev.device_time_total for ev in gpu_kernels(prof)) / 1e3)
+    return statistics.median(sums)
+
+
+def copy_bandwidth_tbs(device: torch.device | str = "cuda", mib: int = 512, reps: int = 20) -> float:
+    """Measured rate of a contiguous device-to-device copy of ``mib`` MiB, TB/s (bytes read + written)."""
+    src = torch.empty(mib << 20, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), reps=reps, warmup=3)
+    return 2 * src.numel() / ms / 1e9

@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from bench_common import bf16_peak_tflops  # noqa: E402
+from bench_common import bf16_peak_tflops, gpu_kernels  # noqa: E402
 
 from trellis.datasets.structured_latent import SLat  # noqa: E402
 from trellis.modules.sparse import SparseTensor  # noqa: E402
@@ -193,13 +193,8 @@ KINDS = (  # kernel name pieces -> kind, first match wins
 
 
 def _kernel_events(prof):
-    """(name, kind, GPU ms, (start, end)) of every GPU kernel of a profile. GPU-side user annotations
-    (e.g. ``Optimizer.step#AdamW.step``, the span of the optimizer's kernels) are not kernels: left out."""
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time_total <= 0:
-            continue
-        if getattr(ev, "is_user_annotation", False):
-            continue
+    """(name, kind, GPU ms, (start, end)) of every GPU kernel of a profile (``bench_common.gpu_kernels``)."""
+    for ev in gpu_kernels(prof):
         name = ev.name.lower()
         kind = next((k for k, keys in KINDS if any(p in name for p in keys)), "other")
         yield ev.name, kind, ev.device_time_total / 1e3, (ev.time_range.start, ev.time_range.end)

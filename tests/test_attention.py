@@ -363,21 +363,26 @@ def _triton_check(device: str, dtype: torch.dtype, tol: float, block: int | None
     """The long path alone (window path off), as before it existed."""
     from trellis.modules.attention import triton_varlen as tv
 
-    old, old_win = dict(tv.BLOCK_CONFIG), dict(tv.WINDOW_CONFIG)
+    old, old_win, old_mid = dict(tv.BLOCK_CONFIG), dict(tv.WINDOW_CONFIG), dict(tv.MID_CONFIG)
     tv.WINDOW_CONFIG["buckets"] = ()
     if block is not None:
         tv.BLOCK_CONFIG.update({k: (block, block, 4) for k in old})
+        tv.MID_CONFIG.update({k: (block, block, 4) for k in ("fwd", "bwd_kv", "bwd_q")})
     try:
         torch.manual_seed(7)
         cases = [([5, 0, 17, 40, 1, 130], [3, 2, 20, 33, 7, 64], True),  # short (fused) and long sequences
                  ([5, 3, 1], [2, 6, 4], False)]  # only short ones: fused backward alone
-        for lens, lens_kv, both in cases:
-            for gather in (False, True) if both else (True,):
-                _triton_compare(device, dtype, tol, lens, None, 2, 64, gather)
-                _triton_compare(device, dtype, tol, lens, lens_kv, 2, 64, gather)
+        # no mid-length blocks; 33-64 on them (130 on the long blocks)
+        for mid in (0, 64):
+            tv.MID_CONFIG["max_len"] = mid
+            for lens, lens_kv, both in cases:
+                for gather in (False, True) if both else (True,):
+                    _triton_compare(device, dtype, tol, lens, None, 2, 64, gather)
+                    _triton_compare(device, dtype, tol, lens, lens_kv, 2, 64, gather)
     finally:
         tv.BLOCK_CONFIG.update(old)
         tv.WINDOW_CONFIG.update(old_win)
+        tv.MID_CONFIG.update(old_mid)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -397,19 +402,22 @@ _WIN_LENS_KV = [3, 16, 9, 32, 20, 64, 4, 40, 1]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-@pytest.mark.parametrize("heads_per_prog,H,fused", [(2, 3, 0), (0, 1, 32)])
-def test_triton_window_path_interpreter(monkeypatch, heads_per_prog, H, fused):
+@pytest.mark.parametrize("heads_per_prog,H,fused,delta_from_p", [(2, 3, 0, True), (0, 1, 32, True),
+                                                                   (2, 3, 0, False), (0, 1, 32, False)])
+def test_triton_window_path_interpreter(monkeypatch, heads_per_prog, H, fused, delta_from_p):
     """The window path beside the long path, in fp32 on the CPU through TRITON_INTERPRET: buckets 16
     (one tile) and 64 (queries in 1-4 chunks of 16), 3 heads in programs of 2 (a partial head group),
     two-kernel long path above 64; or bucket 16 alone, 1 head, the fused long-path backward taking
-    lengths 17..32 and the two-kernel one the rest."""
+    lengths 17..32 and the two-kernel one the rest. The one-tile backwards take delta = rowsum(dO * O)
+    from P and dP, or from O."""
     if torch.cuda.is_available():
         pytest.skip("covered by the GPU test")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from trellis.modules.attention import triton_varlen as tv
 
     buckets = (tv.WindowBucket(16, 16, 1, 16, 1, 2), tv.WindowBucket(64, 16, 1, 16, 1, 1))
-    monkeypatch.setattr(tv, "WINDOW_CONFIG", {"buckets": buckets[:1] if fused else buckets, "heads": heads_per_prog})
+    monkeypatch.setattr(tv, "WINDOW_CONFIG", {"buckets": buckets[:1] if fused else buckets, "heads": heads_per_prog,
+                                              "delta_from_p": delta_from_p})
     monkeypatch.setattr(tv, "BLOCK_CONFIG", {"fwd": (16, 16, 4), "bwd_kv": (16, 16, 4), "bwd_q": (16, 16, 4),
                                              "bwd_fused": (fused, fused, 4)})
     torch.manual_seed(11)
@@ -446,18 +454,22 @@ def test_triton_variants_are_valid():
         pytest.skip("triton not installed")
     from trellis.modules.attention import triton_varlen as tv
 
-    saved = (dict(tv.WINDOW_CONFIG), dict(tv.BLOCK_CONFIG))
+    saved = (dict(tv.WINDOW_CONFIG), dict(tv.BLOCK_CONFIG), dict(tv.MID_CONFIG))
     try:
         for name in tv.VARIANTS:
             tv.use_variant(name)
             assert len(tv._window_buckets()) == len(tv.WINDOW_CONFIG["buckets"])
         with pytest.raises(ValueError, match="unknown"):
             tv.use_variant("nope")
+        tv.use_variant("old")  # the code before the window path: no window buckets, no mid-length blocks
+        assert not tv.WINDOW_CONFIG["buckets"] and tv.MID_CONFIG["max_len"] == 0 and not tv._delta_from_p()
     finally:
-        tv.WINDOW_CONFIG.update(saved[0])
-        tv.BLOCK_CONFIG.update(saved[1])
-    # the window path is measured but off by default (not faster on an H200)
-    assert tv.DEFAULT_VARIANT == "old" and not tv.WINDOW_CONFIG["buckets"]
+        for cfg, old in zip((tv.WINDOW_CONFIG, tv.BLOCK_CONFIG, tv.MID_CONFIG), saved):
+            cfg.clear()
+            cfg.update(old)
+    # the module starts as its default variant: the window path on (faster on an H100, session 7)
+    assert tv.DEFAULT_VARIANT == "win" and tv.WINDOW_CONFIG == tv.VARIANTS["win"]["window"]
+    assert tv.MID_CONFIG == tv.VARIANTS["win"]["mid"] and tv.MID_CONFIG["max_len"] == 256
     assert tv.check_buckets([(32, 32, 4, 32, 4), (128, 64, 4, 64, 8, 1)])[1].stages == 1
     for bad, msg in (([(48, 32, 4, 32, 4)], "powers of two >= 16"), ([(64, 64, 4, 64, 4), (32, 32, 4, 32, 4)], "increasing"),
                      ([(64, 128, 4, 64, 4)], "from 16 to block"), ([(64, 64, 4, 64, 4, 0)], "stages")):
@@ -485,24 +497,35 @@ def test_triton_long_path_blocks_by_dtype_and_head_dim():
 
 def test_triton_routing_by_length():
     """Sequences go to the smallest window bucket that holds max(queries, keys), longest first; the
-    rest to the fused or two-kernel long path; the long path's delta covers only its own rows."""
+    rest to the fused, the mid-length or the long two-kernel path; the long path's delta covers only
+    its own rows; each long-path launch group gets the sequences of its routes."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed")
     from trellis.modules.attention import triton_varlen as tv
 
-    lens_q, lens_kv = [1, 16, 17, 0, 64, 65, 70, 3], [1, 16, 3, 5, 64, 2, 70, 80]
+    lens_q, lens_kv = [1, 16, 17, 0, 64, 65, 70, 3, 90, 200], [1, 16, 3, 5, 64, 2, 70, 80, 100, 150]
     perm = torch.randperm(sum(lens_q))
     plan = VarlenPlan(_cu(lens_q), _cu(lens_kv), index_q=perm)
-    rt = tv._Routing(plan, (16, 64), 70, torch.device("cpu"))
-    assert rt.routes == [0, 0, 1, 0, 1, tv._FUSED, tv._FUSED, tv._LONG]
+    cpu = torch.device("cpu")
+    rt = tv._Routing(plan, (16, 64), 70, 120, cpu)
+    assert rt.routes == [0, 0, 1, 0, 1, tv._FUSED, tv._FUSED, tv._MID, tv._MID, tv._LONG]
     assert [(b, ids.tolist()) for b, ids in rt.win] == [(1, [4, 2]), (0, [1, 3, 0])]
-    assert rt.fused.tolist() == [5, 6] and rt.n_long == 1
+    assert rt.fused.tolist() == [5, 6] and rt.n_long == 3
     start = sum(lens_q[:7])
-    assert rt.delta_rows().tolist() == perm[start:start + 3].tolist()
-    seq, first = rt.table("fwd", 64)
-    assert seq.tolist() == [5, 5, 6, 6, 7] and first.tolist() == [0, 64, 0, 64, 0]
-    assert rt.table("kv", 64)[0].tolist() == [7, 7]
-    assert tv._Routing(plan, (), 70, torch.device("cpu")).delta_rows() is None  # window path off: all rows
+    assert rt.delta_rows().tolist() == perm[start:].tolist()
+    (mid, fwd_mid, bwd_mid), (long, fwd_long, bwd_long) = rt.long_groups
+    assert mid and not long
+    seq, first = rt.table("fwd", 64, fwd_mid)
+    assert seq.tolist() == [5, 5, 6, 6, 7, 8, 8] and first.tolist() == [0, 64, 0, 64, 0, 0, 64]
+    assert rt.table("kv", 64, bwd_mid)[0].tolist() == [7, 7, 8, 8]
+    assert rt.table("q", 64, bwd_mid)[0].tolist() == [7, 8, 8]
+    seq, first = rt.table("fwd", 128, fwd_long)
+    assert seq.tolist() == [9, 9] and first.tolist() == [0, 128]
+    assert rt.table("kv", 128, bwd_long)[0].tolist() == [9, 9]
+    rt0 = tv._Routing(plan, (16, 64), 70, 0, cpu)  # no mid-length blocks: one long-path group
+    assert rt0.routes[7:] == [tv._LONG] * 3 and len(rt0.long_groups) == 1
+    assert rt0.table("fwd", 64, rt0.long_groups[0][1])[0].tolist() == [5, 5, 6, 6, 7, 8, 8, 9, 9, 9, 9]
+    assert tv._Routing(plan, (), 70, 120, cpu).delta_rows() is None  # window path off: all rows
 
 
 def test_triton_heads_per_program(monkeypatch):
@@ -537,14 +560,13 @@ _GPU_LENS_KV = [5, 16, 40, 1, 33, 100, 65, 90, 129, 64, 256, 3, 20, 300]
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant,dtype,tol", [
-    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "win_s1", "win_max64", "win256")],
+    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "old_mid", "win_s1", "win_max64", "win256", "win_o")],
     ("win", torch.float32, 1e-5), ("win", torch.float16, 1e-2),
 ])
 def test_triton_window_path_gpu(variant, dtype, tol):
     from trellis.modules.attention import triton_varlen as tv
 
     assert variant in tv.VARIANTS
-    saved = (dict(tv.WINDOW_CONFIG), dict(tv.BLOCK_CONFIG))
     tv.use_variant(variant)
     try:
         torch.manual_seed(12)
@@ -555,8 +577,7 @@ def test_triton_window_path_gpu(variant, dtype, tol):
             _triton_compare("cuda", dtype, tol, _GPU_LENS, _GPU_LENS_KV, H, 64, gather=True)
         _triton_compare("cuda", dtype, tol, _GPU_LENS, None, 2, 40, gather=True)  # head dim below BLOCK_D
     finally:
-        tv.WINDOW_CONFIG.update(saved[0])
-        tv.BLOCK_CONFIG.update(saved[1])
+        tv.use_variant(tv.DEFAULT_VARIANT)
 
 
 def _cuda_backend(backend: str) -> torch.device:

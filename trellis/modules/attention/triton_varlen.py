@@ -11,15 +11,16 @@ Two families of kernels share the work; each sequence is routed to one of them b
 * Window path (short sequences, the swin windows: a surface window of 8^3 cells holds ~10-200
   voxels). One program per sequence and group of heads (by default all heads): it loads the
   sequence's row indices once and then loops over the heads. The sequence has at most ``BLOCK``
-  queries and keys, ``BLOCK`` a power of two (32 to 256 by default) picked per sequence from
+  queries and keys, ``BLOCK`` a power of two (32 to 128 by default) picked per sequence from
   ``WINDOW_CONFIG["buckets"]`` (one launch per non-empty bucket, longest sequences first), so the
   softmax is exact in one pass (no online rescaling). Up to 128 the whole sequence is one tile and
   the head loop is software-pipelined (``tl.range(..., num_stages)``): the loads of head h+1 are in
   flight while head h computes. That is the point: a window does little maths per byte, and a
   one-(window, head) program spends most of its time waiting for its first loads. Larger buckets
-  load the keys once per head and take the queries in pipelined chunks. The backward is one program
-  per sequence as well: it computes delta = rowsum(dO * O) in place and writes dQ, dK and dV once
-  each (dK and dV accumulate over query chunks in registers), with no atomics and no second pass.
+  load the keys once per head and take the queries in chunks. The backward is one program per
+  sequence as well: it computes delta = rowsum(dO * O) in place, as rowsum(P * dP) since the tile
+  holds every key of its queries (so O is never read), and writes dQ, dK and dV once each (dK and
+  dV accumulate over query chunks in registers), with no atomics and no second pass.
 * Long path (sequences longer than the largest bucket, e.g. full attention over an object). One
   program handles one block of up to ``BLOCK_M`` queries of one sequence and one head and loops over
   that sequence's keys in blocks of ``BLOCK_N``, with the online softmax of FlashAttention (Dao et al.
@@ -27,11 +28,12 @@ Two families of kernels share the work; each sequence is routed to one of them b
   kernel per key block accumulates dK and dV over the query blocks, one per query block accumulates
   dQ; every output row has one owner, so there are no atomics. Sequences that fit one tile of
   ``BLOCK_CONFIG["bwd_fused"]`` and are not taken by the window path get a fused one-program
-  backward per (sequence, head).
+  backward per (sequence, head). Mid-length sequences (up to ``MID_CONFIG["max_len"]``, the densest
+  swin windows) get launches of their own with smaller blocks, so that less of each tile is padding.
 
 ``VARIANTS`` names whole configurations (the window path's settings and the long path's blocks) so
-that the benchmark can compare them in one run; ``use_variant`` switches. ``"old"`` turns the window
-path off, which is the previous code path exactly.
+that the benchmark can compare them in one run; ``use_variant`` switches. ``"old"`` is the code path
+before the window path exactly; ``DEFAULT_VARIANT`` ("win") is what the module starts with.
 
 ``triton_packed_attention`` takes q, k, v as one ``[N, 3, H, d]`` tensor and returns its gradient as
 one ``[N, 3, H, d]`` buffer that the kernels write directly; with three separate views autograd would
@@ -66,10 +68,19 @@ BLOCK_CONFIG = {"fwd": (64, 64, 4), "bwd_kv": (64, 64, 4), "bwd_q": (64, 64, 4),
 # BLOCK_CONFIG (larger tiles there would exceed shared memory or spill).
 BLOCK_CONFIG_16BIT_D64 = {"fwd": (128, 64, 4), "bwd_kv": (128, 128, 8), "bwd_q": (128, 64, 4)}
 _TUNED_16BIT_D64 = dict(BLOCK_CONFIG_16BIT_D64)
+# Mid-length sequences: longer than the window path's largest bucket (or not on the window path) but at
+# most "max_len" (the densest swin windows, 129-256 voxels at swin-8 on surfaces): the long path's
+# kernels with these blocks, in launches of their own. Small blocks pad a 150-voxel window to 192 rows
+# instead of 256. "max_len" 0: none, every such sequence takes the long-path blocks above.
+MID_CONFIG = {"max_len": 256, "fwd": (64, 64, 4), "bwd_kv": (64, 64, 4), "bwd_q": (64, 64, 4)}
+_DEFAULT_MID = dict(MID_CONFIG)
 
 
-def _long_blocks(kind: str, q: torch.Tensor) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of a long-path kernel for inputs like ``q``."""
+def _long_blocks(kind: str, q: torch.Tensor, mid: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of a long-path kernel for inputs like ``q`` (``mid``: for the
+    mid-length sequences)."""
+    if mid:
+        return MID_CONFIG[kind]
     if q.element_size() == 2 and q.shape[-1] <= 64 and kind in BLOCK_CONFIG_16BIT_D64:
         return BLOCK_CONFIG_16BIT_D64[kind]
     return BLOCK_CONFIG[kind]
@@ -110,15 +121,17 @@ _DEFAULT_BUCKETS = (_B32, _B64, _B128)
 # "auto" = per bucket, the most heads that still give ``AUTO_PROGRAMS_PER_SM`` x (number of SMs)
 # programs (a bucket of few windows in programs of all 12 heads would leave SMs idle; the buckets
 # are separate launches, so one bucket's tail is not filled by the next).
-# Off by default: on an H200 (2026-11-26) the window path was not faster than the per-(window, head)
-# kernels in forward + backward (docs/PERFORMANCE_attention.md); the "win*" variants switch it on.
-WINDOW_CONFIG = {"buckets": (), "heads": "auto"}
+# "delta_from_p" (default True): the one-tile backwards take delta = rowsum(dO * O) as rowsum(P * dP)
+# and never read O. On by default since session 7 ("win"): on an H100 its kernels took 1.53 ms of GPU
+# time for forward + backward of the 8-object swin-8 workload against 2.35 ms for "old"
+# (docs/PERFORMANCE_attention.md). Set by ``use_variant(DEFAULT_VARIANT)`` below.
+WINDOW_CONFIG: dict = {}
 AUTO_PROGRAMS_PER_SM = 4
 
 
-def _variant(blocks: dict | None = None, **window) -> dict:
+def _variant(blocks: dict | None = None, mid: dict | None = None, **window) -> dict:
     return {"window": {"buckets": _DEFAULT_BUCKETS, "heads": "auto", **window},
-            "blocks": copy.deepcopy(blocks or BLOCK_CONFIG)}
+            "blocks": copy.deepcopy(blocks or BLOCK_CONFIG), "mid": {**_DEFAULT_MID, **(mid or {})}}
 
 
 def _stages(buckets: tuple[WindowBucket, ...], stages: int, max_block: int = 1 << 30) -> tuple[WindowBucket, ...]:
@@ -126,21 +139,23 @@ def _stages(buckets: tuple[WindowBucket, ...], stages: int, max_block: int = 1 <
 
 
 # Named configurations for the benchmark (``scripts/bench_attention.py --triton-variants``);
-# ``DEFAULT_VARIANT`` is what the module starts with. (Registers and spills per kernel, sm_90, ptxas:
+# ``DEFAULT_VARIANT`` is what the module starts with (``MID_CONFIG`` and ``BLOCK_CONFIG`` as above). (Registers and spills per kernel, sm_90, ptxas:
 # see docs/PERFORMANCE_attention.md.)
 VARIANTS: dict[str, dict] = {
-    "old": _variant(buckets=()),  # the window path off (the default)
+    "old": _variant(buckets=(), mid={"max_len": 0}, delta_from_p=False),  # the code before the window path
+    "old_mid": _variant(buckets=()),  # "old" with mid-length blocks and delta from P in the fused backward
     "win": _variant(),  # window path, buckets 32-128, two pipeline stages, heads per program "auto"
     "win_s1": _variant(buckets=_stages((_B32, _B64, _B128, _B256), 1)),  # nothing pipelined, up to 256
     "win_max64": _variant(buckets=(_B32, _B64)),  # windows over 64 on the per-(window, head) kernels
     "win256": _variant(buckets=(_B32, _B64, _B128, _B256)),  # "win" plus the 256 bucket; head dim <= 64
+    "win_o": _variant(delta_from_p=False),  # "win" with the backward reading O for delta
 }
-DEFAULT_VARIANT = "old"
+DEFAULT_VARIANT = "win"
 
 
 def use_variant(name: str) -> None:
-    """Set ``WINDOW_CONFIG`` and ``BLOCK_CONFIG`` to the named entry of ``VARIANTS`` (in place), and
-    ``BLOCK_CONFIG_16BIT_D64`` back to its tuned values."""
+    """Set ``WINDOW_CONFIG``, ``BLOCK_CONFIG`` and ``MID_CONFIG`` to the named entry of ``VARIANTS`` (in
+    place), and ``BLOCK_CONFIG_16BIT_D64`` back to its tuned values."""
     if name not in VARIANTS:
         raise ValueError(f"unknown triton attention variant {name!r}; known: {list(VARIANTS)}")
     v = copy.deepcopy(VARIANTS[name])
@@ -150,8 +165,11 @@ def use_variant(name: str) -> None:
     BLOCK_CONFIG.update(v["blocks"])
     BLOCK_CONFIG_16BIT_D64.clear()
     BLOCK_CONFIG_16BIT_D64.update(_TUNED_16BIT_D64)
+    MID_CONFIG.clear()
+    MID_CONFIG.update(v["mid"])
 
 
+use_variant(DEFAULT_VARIANT)
 _LOG2E = 1.4426950408889634
 
 
@@ -334,7 +352,7 @@ def _bwd_fused_kernel(
     sq_r, sq_h, sk_r, sk_h, sv_r, sv_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, sdk_r, sdk_h, sdv_r, sdv_h,
     n_heads, qk_scale, sm_scale, D,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DELTA_FROM_P: tl.constexpr,
 ):
     """Whole backward of one short sequence (<= BLOCK queries and keys) and one head in one program."""
     seq = tl.load(SEQS + tl.program_id(0))
@@ -351,14 +369,17 @@ def _bwd_fused_kernel(
     kv_mask = mask_n[:, None] & mask_d[None, :]
     q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, q_mask)
     do = _tile(DO, rows_q, h, sdo_r, sdo_h, offs_d, q_mask)
-    o = _tile(OUT, rows_q, h, so_r, so_h, offs_d, q_mask)
     k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
     v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
     lse = _row_stat(LSE, rows_q, h, n_heads, mask_m)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
     p = _probs(q, k, lse, mask_m, mask_n, qk_scale, IEEE)
     dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-    ds = _dscores(p, do, v, delta, IEEE)
+    if DELTA_FROM_P:  # all keys in one tile: rowsum(dO * O) = rowsum(P * dO V^T), no read of O
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+    else:
+        o = _tile(OUT, rows_q, h, so_r, so_h, offs_d, q_mask)
+        ds = _dscores(p, do, v, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), IEEE)
     dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * sm_scale
     dq = _dot(ds.to(k.dtype), k, IEEE) * sm_scale
     _store_tile(DQ, rows_q, h, sdq_r, sdq_h, offs_d, dq, q_mask)
@@ -447,21 +468,28 @@ def _win_fwd_kernel(
 def _win_bwd_tile(
     Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
     sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale, sm_scale,
-    IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+    IEEE: tl.constexpr, EVEN_D: tl.constexpr, DELTA_FROM_P: tl.constexpr,
 ):
     """Backward of one query chunk and one head: stores dQ, returns its (dK / scale, dV) contributions."""
     q_mask = _mask_rows(mask_m, offs_d, D, EVEN_D)
-    # dP - delta first, so dO and O leave registers before the score tile is live (no spills at 128x128)
     do = _tile(DO, rows_q, h, sdo_r, sdo_h, offs_d, q_mask)
-    o = _tile(OUT, rows_q, h, so_r, so_h, offs_d, q_mask)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
-    dp = _dot(do, tl.trans(v), IEEE) - delta[:, None]
+    if DELTA_FROM_P:
+        dp = _dot(do, tl.trans(v), IEEE)
+    else:
+        # dP - delta first, so dO and O leave registers before the score tile is live (no spills at 128x128)
+        o = _tile(OUT, rows_q, h, so_r, so_h, offs_d, q_mask)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO * O)
+        dp = _dot(do, tl.trans(v), IEEE) - delta[:, None]
     q = _tile(Q, rows_q, h, sq_r, sq_h, offs_d, q_mask)
     lse = _row_stat(LSE, rows_q, h, n_heads, mask_m)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     # Padded query rows have q = dO = O = 0 and lse 0: p = 1 there but dV, dP and so dS get nothing
     # from them. Padded keys (k = 0, s = 0) must be masked: exp2(-lse) may overflow.
     p = tl.where(mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    if DELTA_FROM_P:
+        # the tile holds every key of these queries, so delta = rowsum(dO * O) = rowsum(P * dO V^T):
+        # no read of O (an eighth of the backward's traffic)
+        dp = dp - tl.sum(p * dp, 1)[:, None]
     dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
     ds = (p * dp).to(q.dtype)
     dq = _dot(ds, k, IEEE) * sm_scale
@@ -477,6 +505,7 @@ def _win_bwd_kernel(
     n_heads, heads_per_prog, qk_scale, sm_scale, D,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    DELTA_FROM_P: tl.constexpr,
 ):
     """Whole backward of one sequence (<= BLOCK_N queries and keys) for heads [h_lo, h_hi): dQ, dK and
     dV written once each; with BLOCK_M < BLOCK_N, dK and dV accumulate in registers over query chunks."""
@@ -492,7 +521,7 @@ def _win_bwd_kernel(
             v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
             dk, dv = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
                                    sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale, sm_scale,
-                                   IEEE, EVEN_D)
+                                   IEEE, EVEN_D, DELTA_FROM_P)
             _store_tile(DK, rows_k, h, sdk_r, sdk_h, offs_d, (dk * sm_scale), kv_mask)
             _store_tile(DV, rows_k, h, sdv_r, sdv_h, offs_d, dv, kv_mask)
     else:  # keys once per head, dK and dV accumulated over query chunks
@@ -510,7 +539,7 @@ def _win_bwd_kernel(
                 rows_q = _rows(IDXQ, q_lo + m0 + offs_m, mask_m, GATHER_Q)
                 dk_c, dv_c = _win_bwd_tile(Q, OUT, DO, LSE, DQ, rows_q, mask_m, h, k, v, mask_n, offs_d, D,
                                            sq_r, sq_h, so_r, so_h, sdo_r, sdo_h, sdq_r, sdq_h, n_heads, qk_scale,
-                                           sm_scale, IEEE, EVEN_D)
+                                           sm_scale, IEEE, EVEN_D, DELTA_FROM_P)
                 dk += dk_c
                 dv += dv_c
             _store_tile(DK, rows_k, h, sdk_r, sdk_h, offs_d, (dk * sm_scale), kv_mask)
@@ -535,7 +564,7 @@ def _delta_kernel(OUT, DO, DELTA, ROWS, n_flat, n_heads, so_r, so_h, sdo_r, sdo_
 
 
 # ----------------------------------------------------------------------------- host side
-_FUSED, _LONG, _EMPTY = -1, -2, -3  # routes besides a window bucket index
+_FUSED, _LONG, _EMPTY, _MID = -1, -2, -3, -4  # routes besides a window bucket index
 
 
 def _window_buckets() -> tuple[WindowBucket, ...]:
@@ -573,11 +602,13 @@ class _Routing:
     """Which kernels handle which sequences of a plan, with the launch tables (cached on the plan).
 
     Route of a sequence with a queries and b keys: the first window bucket with max(a, b) <= BLOCK;
-    else the fused long-path backward if 0 < a, b <= ``fused``; else the two-kernel long path. Sequences
-    with no keys (and so no queries) need nothing.
+    else the fused long-path backward if 0 < a, b <= ``fused``; else the two-kernel long path, with
+    the mid-length blocks if max(a, b) <= ``mid``. Sequences with no keys (and so no queries) need
+    nothing. The long-path forward also computes the fused sequences (with the mid-length blocks when
+    there are such).
     """
 
-    def __init__(self, plan: VarlenPlan, blocks: tuple[int, ...], fused: int, device: torch.device):
+    def __init__(self, plan: VarlenPlan, blocks: tuple[int, ...], fused: int, mid: int, device: torch.device):
         # the plan's lengths and row index, not the plan itself (this object lives in the plan's cache)
         self.lens_q, self.lens_kv, self.cu_q, self.index_q = plan.lens_q, plan.lens_kv, plan.cu_q, plan.index_q
         self.device, self.window_on = device, bool(blocks)
@@ -585,7 +616,7 @@ class _Routing:
         for a, b in zip(plan.lens_q, plan.lens_kv):
             r = _EMPTY if b == 0 else next((i for i, blk in enumerate(blocks) if max(a, b) <= blk), None)
             if r is None:
-                r = _FUSED if 0 < a <= fused and b <= fused else _LONG
+                r = _FUSED if 0 < a <= fused and b <= fused else _MID if max(a, b) <= mid else _LONG
             routes.append(r)
         self.routes = routes
         size = [max(a, b) for a, b in zip(plan.lens_q, plan.lens_kv)]
@@ -595,14 +626,17 @@ class _Routing:
             if ids:
                 self.win.append((i, torch.tensor(ids, dtype=torch.int32).to(device)))
         self.fused = torch.tensor([s for s, r in enumerate(routes) if r == _FUSED], dtype=torch.int32).to(device)
-        self.n_long = sum(1 for r in routes if r == _LONG)
+        self.n_long = sum(1 for r in routes if r in (_LONG, _MID))
+        # long-path launches: (with the mid-length blocks?, routes of the forward, routes of the backward)
+        self.long_groups = [(True, (_FUSED, _MID), (_MID,)), (False, (_LONG,), (_LONG,))] if mid > 0 \
+            else [(False, (_FUSED, _LONG), (_LONG,))]
         self._tables: dict = {}
 
-    def table(self, which: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Long-path block table: ``"fwd"`` (fused and long sequences), ``"kv"`` / ``"q"`` (long ones)."""
-        key = (which, block)
+    def table(self, which: str, block: int, keep: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Long-path block table of the sequences with a route in ``keep``: ``"fwd"`` (query blocks of
+        the forward), ``"kv"`` / ``"q"`` (key / query blocks of the backward)."""
+        key = (which, block, keep)
         if key not in self._tables:
-            keep = (_FUSED, _LONG) if which == "fwd" else (_LONG,)
             lens = self.lens_kv if which == "kv" else self.lens_q
             self._tables[key] = _block_table([n if r in keep else 0 for n, r in zip(lens, self.routes)], block,
                                              self.device)
@@ -615,7 +649,8 @@ class _Routing:
             return None
         if "delta" not in self._tables:
             cu = self.cu_q.cpu().long()
-            parts = [torch.arange(int(cu[s]), int(cu[s + 1])) for s, r in enumerate(self.routes) if r == _LONG]
+            parts = [torch.arange(int(cu[s]), int(cu[s + 1])) for s, r in enumerate(self.routes)
+                     if r in (_LONG, _MID)]
             pos = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
             idx = self.index_q
             rows = pos if idx is None else idx.cpu()[pos]
@@ -625,8 +660,9 @@ class _Routing:
 
 def _routing(plan: VarlenPlan, device: torch.device) -> _Routing:
     blocks = tuple(b.block for b in _window_buckets())
-    fused = BLOCK_CONFIG["bwd_fused"][0]
-    return plan.cached(("triton_routing", blocks, fused, device), lambda: _Routing(plan, blocks, fused, device))
+    fused, mid = BLOCK_CONFIG["bwd_fused"][0], int(MID_CONFIG["max_len"])
+    return plan.cached(("triton_routing", blocks, fused, mid, device),
+                       lambda: _Routing(plan, blocks, fused, mid, device))
 
 
 def _index(plan: VarlenPlan, which: str, device: torch.device) -> torch.Tensor | None:
@@ -664,6 +700,12 @@ def _stages_for(b: WindowBucket, q: torch.Tensor) -> int:
     return b.stages if q.element_size() <= 2 else 1
 
 
+def _delta_from_p() -> bool:
+    """Whether the one-tile backward kernels take delta = rowsum(dO * O) as rowsum(P * dP) instead of
+    reading O (``WINDOW_CONFIG["delta_from_p"]``, default on)."""
+    return bool(WINDOW_CONFIG.get("delta_from_p", True))
+
+
 def _strides(*ts: torch.Tensor) -> list[int]:
     """Row and head strides of each ``[T, H, d]`` tensor."""
     return [s for t in ts for s in (t.stride(0), t.stride(1))]
@@ -692,13 +734,14 @@ def _forward(q, k, v, plan: VarlenPlan, scale: float) -> tuple[torch.Tensor, tor
                 H, hpp, scale * _LOG2E, d, EVEN_D=meta["BLOCK_D"] == d, BLOCK_M=b.fwd_m, BLOCK_N=b.block,
                 STAGES=_stages_for(b, q), num_warps=b.fwd_warps, **common,
             )
-    bm, bn, warps = _long_blocks("fwd", q)
-    seq, start = rt.table("fwd", bm)
-    if seq.numel() > 0:
-        _fwd_kernel[(seq.numel(), H)](
-            q, k, v, o, lse, idx_q, idx_k, cu_q, cu_kv, seq, start, *_strides(q, k, v, o),
-            H, scale * _LOG2E, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
-        )
+    for mid, keep, _ in rt.long_groups:
+        bm, bn, warps = _long_blocks("fwd", q, mid)
+        seq, start = rt.table("fwd", bm, keep)
+        if seq.numel() > 0:
+            _fwd_kernel[(seq.numel(), H)](
+                q, k, v, o, lse, idx_q, idx_k, cu_q, cu_kv, seq, start, *_strides(q, k, v, o),
+                H, scale * _LOG2E, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
+            )
     return o, lse
 
 
@@ -722,14 +765,16 @@ def _backward(q, k, v, o, lse, do, plan: VarlenPlan, scale: float, dq, dk, dv) -
                 q, k, v, o, do, lse, dq, dk, dv, idx_q, idx_k, cu_q, cu_kv, seqs,
                 *_strides(q, k, v, o, do, dq, dk, dv),
                 H, hpp, scale * _LOG2E, scale, d, EVEN_D=meta["BLOCK_D"] == d, BLOCK_M=b.bwd_m, BLOCK_N=b.block,
-                STAGES=_stages_for(b, q), num_warps=b.bwd_warps, **common,
+                STAGES=_stages_for(b, q), DELTA_FROM_P=_delta_from_p(),
+                num_warps=b.bwd_warps, **common,
             )
     if rt.fused.numel() > 0:
         fused, _, fused_warps = BLOCK_CONFIG["bwd_fused"]
         _bwd_fused_kernel[(rt.fused.numel(), H)](
             q, k, v, o, do, lse, dq, dk, dv, idx_q, idx_k, cu_q, cu_kv, rt.fused,
             *_strides(q, k, v, o, do, dq, dk, dv),
-            H, scale * _LOG2E, scale, d, BLOCK=fused, num_warps=fused_warps, **common,
+            H, scale * _LOG2E, scale, d, BLOCK=fused, DELTA_FROM_P=_delta_from_p(), num_warps=fused_warps,
+            **common,
         )
     if rt.n_long == 0:
         return
@@ -743,22 +788,23 @@ def _backward(q, k, v, o, lse, do, plan: VarlenPlan, scale: float, dq, dk, dv) -
             o, do, delta, rows if rows is not None else cu_q, n_flat, H, *_strides(o, do), d,
             GATHER=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d,
         )
-    bm, bn, warps = _long_blocks("bwd_kv", q)
-    seq, start = rt.table("kv", bn)
-    if seq.numel() > 0:
-        _bwd_kv_kernel[(seq.numel(), H)](
-            q, k, v, do, lse, delta, dk, dv, idx_q, idx_k, cu_q, cu_kv, seq, start,
-            *_strides(q, k, v, do, dk, dv),
-            H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
-        )
-    bm, bn, warps = _long_blocks("bwd_q", q)
-    seq, start = rt.table("q", bm)
-    if seq.numel() > 0:
-        _bwd_q_kernel[(seq.numel(), H)](
-            q, k, v, do, lse, delta, dq, idx_q, idx_k, cu_q, cu_kv, seq, start,
-            *_strides(q, k, v, do, dq),
-            H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
-        )
+    for mid, _, keep in rt.long_groups:
+        bm, bn, warps = _long_blocks("bwd_kv", q, mid)
+        seq, start = rt.table("kv", bn, keep)
+        if seq.numel() > 0:
+            _bwd_kv_kernel[(seq.numel(), H)](
+                q, k, v, do, lse, delta, dk, dv, idx_q, idx_k, cu_q, cu_kv, seq, start,
+                *_strides(q, k, v, do, dk, dv),
+                H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
+            )
+        bm, bn, warps = _long_blocks("bwd_q", q, mid)
+        seq, start = rt.table("q", bm, keep)
+        if seq.numel() > 0:
+            _bwd_q_kernel[(seq.numel(), H)](
+                q, k, v, do, lse, delta, dq, idx_q, idx_k, cu_q, cu_kv, seq, start,
+                *_strides(q, k, v, do, dq),
+                H, scale * _LOG2E, scale, d, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **common,
+            )
 
 
 class _TritonVarlenAttention(torch.autograd.Function):
