@@ -672,13 +672,28 @@ def _index(plan: VarlenPlan, which: str, device: torch.device) -> torch.Tensor |
     return plan.cached(("triton_index", which, device), lambda: idx.to(device))
 
 
+# Host side. Plain integer helpers rather than ``triton.cdiv`` / ``triton.next_power_of_2``, which are
+# constexpr functions costing microseconds per call on the host; per-plan launch lists are cached, since a
+# lone attention call is otherwise bound by its host time (docs/PERFORMANCE_attention.md, session 7).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _meta(q: torch.Tensor) -> dict:
     d = q.shape[-1]
-    return {"BLOCK_D": max(16, triton.next_power_of_2(d)), "IEEE": q.dtype == torch.float32}
+    return {"BLOCK_D": max(16, 1 << (d - 1).bit_length()), "IEEE": q.dtype == torch.float32}
+
+
+_SMS: dict = {}
 
 
 def _sm_count(device: torch.device) -> int | None:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
 
 
 def _head_groups(H: int, n_seqs: int, sms: int | None) -> tuple[int, int]:
@@ -686,12 +701,24 @@ def _head_groups(H: int, n_seqs: int, sms: int | None) -> tuple[int, int]:
     device of ``sms`` SMs (None: the interpreter, where "auto" means all heads)."""
     heads = WINDOW_CONFIG["heads"]
     if heads == "auto":
-        groups = 1 if sms is None else min(H, triton.cdiv(AUTO_PROGRAMS_PER_SM * sms, max(1, n_seqs)))
-        hpp = triton.cdiv(H, groups)
+        groups = 1 if sms is None else min(H, _cdiv(AUTO_PROGRAMS_PER_SM * sms, max(1, n_seqs)))
+        hpp = _cdiv(H, groups)
     else:
         hpp = int(heads) or H
     hpp = max(1, min(hpp, H))
-    return hpp, triton.cdiv(H, hpp)
+    return hpp, _cdiv(H, hpp)
+
+
+def _win_launches(rt: _Routing, H: int, dev: torch.device) -> list[tuple[WindowBucket, torch.Tensor, int, int, int]]:
+    """Window-path launches of a plan: (bucket, sequence ids, their count, heads per program, head
+    groups), largest bucket first; cached on the routing for the current window configuration."""
+    buckets = _window_buckets()
+    key = ("win", H, WINDOW_CONFIG["heads"], buckets)
+    if key not in rt._tables:
+        sms = _sm_count(dev)
+        rt._tables[key] = [(buckets[bi], seqs, seqs.numel(), *_head_groups(H, seqs.numel(), sms))
+                           for bi, seqs in rt.win]
+    return rt._tables[key]
 
 
 def _stages_for(b: WindowBucket, q: torch.Tensor) -> int:
@@ -725,11 +752,8 @@ def _forward(q, k, v, plan: VarlenPlan, scale: float) -> tuple[torch.Tensor, tor
     meta = _meta(q)
     common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **meta)
     if rt.win:
-        buckets, sms = _window_buckets(), _sm_count(dev)
-        for bi, seqs in rt.win:
-            hpp, groups = _head_groups(H, seqs.numel(), sms)
-            b = buckets[bi]
-            _win_fwd_kernel[(seqs.numel(), groups)](
+        for b, seqs, n_seqs, hpp, groups in _win_launches(rt, H, dev):
+            _win_fwd_kernel[(n_seqs, groups)](
                 q, k, v, o, lse, idx_q, idx_k, cu_q, cu_kv, seqs, *_strides(q, k, v, o),
                 H, hpp, scale * _LOG2E, d, EVEN_D=meta["BLOCK_D"] == d, BLOCK_M=b.fwd_m, BLOCK_N=b.block,
                 STAGES=_stages_for(b, q), num_warps=b.fwd_warps, **common,
@@ -757,11 +781,8 @@ def _backward(q, k, v, o, lse, do, plan: VarlenPlan, scale: float, dq, dk, dv) -
     meta = _meta(q)
     common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **meta)
     if rt.win:
-        buckets, sms = _window_buckets(), _sm_count(dev)
-        for bi, seqs in rt.win:
-            hpp, groups = _head_groups(H, seqs.numel(), sms)
-            b = buckets[bi]
-            _win_bwd_kernel[(seqs.numel(), groups)](
+        for b, seqs, n_seqs, hpp, groups in _win_launches(rt, H, dev):
+            _win_bwd_kernel[(n_seqs, groups)](
                 q, k, v, o, do, lse, dq, dk, dv, idx_q, idx_k, cu_q, cu_kv, seqs,
                 *_strides(q, k, v, o, do, dq, dk, dv),
                 H, hpp, scale * _LOG2E, scale, d, EVEN_D=meta["BLOCK_D"] == d, BLOCK_M=b.bwd_m, BLOCK_N=b.block,
@@ -784,7 +805,7 @@ def _backward(q, k, v, o, lse, do, plan: VarlenPlan, scale: float, dq, dk, dv) -
     block_d = meta["BLOCK_D"]
     block_r = max(1, 4096 // block_d)
     if n_flat > 0:
-        _delta_kernel[(triton.cdiv(n_flat, block_r),)](
+        _delta_kernel[(_cdiv(n_flat, block_r),)](
             o, do, delta, rows if rows is not None else cu_q, n_flat, H, *_strides(o, do), d,
             GATHER=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d,
         )
