@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import bf16_peak_tflops, copy_bandwidth_tbs, cuda_time_ms, kernel_time_ms  # noqa: E402
+from bench_common import bf16_peak_tflops, copy_bandwidth_tbs, cuda_time_ms, gpu_kernels, kernel_time_ms  # noqa: E402
 
 from trellis.modules.attention.backend import backend_unavailable_reason  # noqa: E402
 from trellis.modules.attention.varlen import (  # noqa: E402
@@ -102,7 +102,22 @@ def _time_pair(fwd: Callable[[], object], fwd_bwd: Callable[[], object], args) -
     of each (``bench_common.kernel_time_ms``), left in ``args.last_kernel_ms``."""
     times = cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
     args.last_kernel_ms = (kernel_time_ms(fwd), kernel_time_ms(fwd_bwd)) if args.kernel_time and not SMOKE else None
+    if args.kernel_breakdown and not SMOKE:
+        _print_kernels(fwd_bwd)
     return times
+
+
+def _print_kernels(fn: Callable[[], object]) -> None:
+    """One profiled call of ``fn``: each GPU kernel's duration, in launch order (``--kernel-breakdown``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ks = sorted(gpu_kernels(prof), key=lambda e: e.time_range.start)
+    print("    kernels (us, launch order): " + " ".join(f"{e.name.strip('_')[:24]}:{e.device_time_total:.0f}" for e in ks))
 
 
 def time_varlen(q, k, v, leaves: list, plan: VarlenPlan, backend: str, args) -> tuple[float, float]:
@@ -170,7 +185,7 @@ def _triton_configs(args) -> list[tuple | None]:
 
 
 def _triton_runs(plan: VarlenPlan, args) -> list[tuple[str, str, tuple | None]]:
-    """(row label, variant, long-path config) for each Triton row of a case, the default variant first.
+    """(row label, variant, long-path config) for each Triton row of a case, then the packed rows.
 
     Variants other than "old" and the default are skipped where their window path would take no
     sequence of the plan (they would time the same kernels as "old").
@@ -189,8 +204,10 @@ def _triton_runs(plan: VarlenPlan, args) -> list[tuple[str, str, tuple | None]]:
             continue
         for cfg in _triton_configs(args):
             runs.append((f"triton[{name}]", name, cfg))
-    if args.packed and tv.DEFAULT_VARIANT in names:
-        runs.append((f"triton[{tv.DEFAULT_VARIANT},packed]", tv.DEFAULT_VARIANT, None))
+    if args.packed:  # the packed entry point: for each variant named with --triton-variants, else the default
+        for name in (args.triton_variants or [tv.DEFAULT_VARIANT]):
+            if any(label == f"triton[{name}]" for label, _, _ in runs):
+                runs.append((f"triton[{name},packed]", name, None))
     return runs
 
 
@@ -481,11 +498,14 @@ def main() -> None:
     ap.add_argument("--kernel-time", action="store_true",
                     help="also note each row's GPU kernel time (summed kernel durations from the profiler, no host "
                          "launch time) and the rates over it")
+    ap.add_argument("--kernel-breakdown", action="store_true",
+                    help="print each row's GPU kernels with their durations (one profiled forward + backward)")
     ap.add_argument("--roofline", action="store_true",
                     help="self-attention cases: print the least time the memory traffic allows at the measured "
                          "contiguous copy rate, and the TFLOP/s that caps")
     ap.add_argument("--no-packed", dest="packed", action="store_false",
-                    help="leave out the row 'triton[DEFAULT,packed]' (packed_attention_with_plan)")
+                    help="leave out the rows 'triton[NAME,packed]' (packed_attention_with_plan, the layers' entry "
+                         "point): one per variant named with --triton-variants, else the default's")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", type=str, default=None)

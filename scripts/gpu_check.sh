@@ -59,7 +59,7 @@ declare -A CMD=(
     [tests_rest]="$GPU_TESTS_PAR tests --ignore=tests/test_flow_configs_gpu.py --ignore=tests/test_attention.py"
     [ss_vae]="$PY scripts/bench_ss_vae.py"
     [sparse]="$PY scripts/bench_sparse.py"
-    [attention]="$PY scripts/bench_attention.py"
+    [attention]="$PY scripts/bench_attention.py --kernel-time --roofline"
     [attention_dense]="$PY scripts/bench_sdpa_dense.py"
     [train_ss]="$PY scripts/bench_train.py --which ss --modes inflat_all,bf16 --compile ss:bf16"
     [train_slat]="$PY scripts/bench_train.py --which slat --modes inflat_all --compile slat:inflat_all"

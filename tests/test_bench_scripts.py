@@ -12,7 +12,7 @@ def test_bench_attention_smoke(tmp_path):
     out = tmp_path / "att.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_attention.py"), "--smoke", "--cases", "swin8_shells",
-         "--roofline", "--kernel-time", "--json", str(out)],
+         "--roofline", "--kernel-time", "--kernel-breakdown", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "roofline at the measured copy rate" in proc.stdout

@@ -149,6 +149,7 @@ VARIANTS: dict[str, dict] = {
     "win_max64": _variant(buckets=(_B32, _B64)),  # windows over 64 on the per-(window, head) kernels
     "win256": _variant(buckets=(_B32, _B64, _B128, _B256)),  # "win" plus the 256 bucket; head dim <= 64
     "win_o": _variant(delta_from_p=False),  # "win" with the backward reading O for delta
+    "win_nomid": _variant(mid={"max_len": 0}),  # "win" with the long-path blocks for windows over 128
 }
 DEFAULT_VARIANT = "win"
 
