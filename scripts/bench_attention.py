@@ -27,7 +27,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import bf16_peak_tflops, copy_bandwidth_tbs, cuda_time_ms, gpu_kernels, kernel_time_ms  # noqa: E402
+from bench_common import (  # noqa: E402
+    bf16_peak_tflops,
+    copy_bandwidth_tbs,
+    cuda_time_ms,
+    kernel_time_ms,
+    profiled_kernels,
+)
 
 from trellis.modules.attention.backend import backend_unavailable_reason  # noqa: E402
 from trellis.modules.attention.varlen import (  # noqa: E402
@@ -109,14 +115,8 @@ def _time_pair(fwd: Callable[[], object], fwd_bwd: Callable[[], object], args) -
 
 def _print_kernels(fn: Callable[[], object]) -> None:
     """One profiled call of ``fn``: each GPU kernel's duration, in launch order (``--kernel-breakdown``)."""
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    ks = sorted(gpu_kernels(prof), key=lambda e: e.time_range.start)
+    ks = profiled_kernels(fn)
     print("    kernels (us, launch order): " + " ".join(f"{e.name.strip('_')[:24]}:{e.device_time_total:.0f}" for e in ks))
 
 

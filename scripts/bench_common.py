@@ -44,21 +44,24 @@ def gpu_kernels(prof):
         yield ev
 
 
-def kernel_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
-    """Median over ``reps`` profiled calls of the summed durations of the GPU kernels ``fn()`` launches:
-    the device's share of a call, without the host's launch time (which a training step hides behind
-    the GPU work queued before it, but a lone call's CUDA-event time includes)."""
+def profiled_kernels(fn: Callable[[], object]) -> list:
+    """The GPU kernel events (``gpu_kernels``) of one call of ``fn``, in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
     torch.cuda.synchronize()
-    sums = []
-    for _ in range(reps):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        sums.append(sum(ev.device_time_total for ev in gpu_kernels(prof)) / 1e3)
-    return statistics.median(sums)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted(gpu_kernels(prof), key=lambda ev: ev.time_range.start)
+
+
+def kernel_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
+    """Median over ``reps`` profiled calls (after one unprofiled) of the summed durations of the GPU
+    kernels ``fn()`` launches: the device's share of a call, without the host's launch time (which a
+    training step hides behind the GPU work queued before it, but a lone call's CUDA-event time
+    includes)."""
+    fn()
+    return statistics.median(sum(ev.device_time_total for ev in profiled_kernels(fn)) / 1e3 for _ in range(reps))
 
 
 def copy_bandwidth_tbs(device: torch.device | str = "cuda", mib: int = 512, reps: int = 20) -> float:
