@@ -122,9 +122,9 @@ _DEFAULT_BUCKETS = (_B32, _B64, _B128)
 # programs (a bucket of few windows in programs of all 12 heads would leave SMs idle; the buckets
 # are separate launches, so one bucket's tail is not filled by the next).
 # "delta_from_p" (default True): the one-tile backwards take delta = rowsum(dO * O) as rowsum(P * dP)
-# and never read O. On by default since session 7 ("win"): on an H100 its kernels took 1.53 ms of GPU
-# time for forward + backward of the 8-object swin-8 workload against 2.35 ms for "old"
-# (docs/PERFORMANCE_attention.md). Set by ``use_variant(DEFAULT_VARIANT)`` below.
+# and never read O. The window path is on by default since session 7 ("win"): on an H100 its kernels
+# took 1.54 ms of GPU time for forward + backward of the 8-object swin-8 workload against 2.38 ms for
+# "old" (docs/PERFORMANCE_attention.md). Set by ``use_variant(DEFAULT_VARIANT)`` below.
 WINDOW_CONFIG: dict = {}
 AUTO_PROGRAMS_PER_SM = 4
 
@@ -139,8 +139,8 @@ def _stages(buckets: tuple[WindowBucket, ...], stages: int, max_block: int = 1 <
 
 
 # Named configurations for the benchmark (``scripts/bench_attention.py --triton-variants``);
-# ``DEFAULT_VARIANT`` is what the module starts with (``MID_CONFIG`` and ``BLOCK_CONFIG`` as above). (Registers and spills per kernel, sm_90, ptxas:
-# see docs/PERFORMANCE_attention.md.)
+# ``DEFAULT_VARIANT`` is what the module starts with (``MID_CONFIG`` and ``BLOCK_CONFIG`` as above).
+# (Registers and spills per kernel, sm_90, ptxas: see docs/PERFORMANCE_attention.md.)
 VARIANTS: dict[str, dict] = {
     "old": _variant(buckets=(), mid={"max_len": 0}, delta_from_p=False),  # the code before the window path
     "old_mid": _variant(buckets=()),  # "old" with mid-length blocks and delta from P in the fused backward
