@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -103,14 +103,22 @@ def self_flops(lens: list[int], C: int) -> float:
     return sum(4.0 * n * n * C for n in lens)
 
 
-def _time_pair(fwd: Callable[[], object], fwd_bwd: Callable[[], object], args) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) by CUDA events; with ``--kernel-time`` also the GPU kernel time
-    of each (``bench_common.kernel_time_ms``), left in ``args.last_kernel_ms``."""
-    times = cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps)
-    args.last_kernel_ms = (kernel_time_ms(fwd), kernel_time_ms(fwd_bwd)) if args.kernel_time and not SMOKE else None
+class Timing(NamedTuple):
+    """Forward and forward+backward ms by CUDA events; ``kernel_ms``: the same two as GPU kernel time
+    (``--kernel-time``), else None."""
+
+    fwd_ms: float
+    fwd_bwd_ms: float
+    kernel_ms: tuple[float, float] | None = None
+
+
+def _time_pair(fwd: Callable[[], object], fwd_bwd: Callable[[], object], args) -> Timing:
+    """``Timing`` of a forward and a forward+backward; ``--kernel-breakdown`` prints the latter's kernels."""
+    kernel_ms = (kernel_time_ms(fwd), kernel_time_ms(fwd_bwd)) if args.kernel_time and not SMOKE else None
     if args.kernel_breakdown and not SMOKE:
         _print_kernels(fwd_bwd)
-    return times
+    return Timing(cuda_median_ms(fwd, args.warmup, args.reps), cuda_median_ms(fwd_bwd, args.warmup, args.reps),
+                  kernel_ms)
 
 
 def _print_kernels(fn: Callable[[], object]) -> None:
@@ -120,8 +128,8 @@ def _print_kernels(fn: Callable[[], object]) -> None:
     print("    kernels (us, launch order): " + " ".join(f"{e.name.strip('_')[:24]}:{e.device_time_total:.0f}" for e in ks))
 
 
-def time_varlen(q, k, v, leaves: list, plan: VarlenPlan, backend: str, args) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of ``attention_with_plan``; gradients wrt ``leaves``."""
+def time_varlen(q, k, v, leaves: list, plan: VarlenPlan, backend: str, args) -> Timing:
+    """``Timing`` of ``attention_with_plan``; gradients wrt ``leaves``."""
     g = torch.randn(q.shape, device=q.device, dtype=q.dtype)
 
     def fwd():
@@ -135,7 +143,7 @@ def time_varlen(q, k, v, leaves: list, plan: VarlenPlan, backend: str, args) -> 
     return _time_pair(fwd, fwd_bwd, args)
 
 
-def time_dense(B: int, L: int, H: int, d: int, dtype, args, Lkv: int | None = None) -> tuple[float, float]:
+def time_dense(B: int, L: int, H: int, d: int, dtype, args, Lkv: int | None = None) -> Timing:
     """Dense SDPA ``[B, H, L, d]`` (flash / cuDNN chosen by torch)."""
     Lkv = L if Lkv is None else Lkv
     q = torch.randn(B, H, L, d, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -153,12 +161,12 @@ def time_dense(B: int, L: int, H: int, d: int, dtype, args, Lkv: int | None = No
     return _time_pair(fwd, fwd_bwd, args)
 
 
-def _row(case: str, backend: str, flops: float, t_f: float, t_fb: float, extra: str = "",
-         kernel_ms: tuple[float, float] | None = None) -> dict:
+def _row(case: str, backend: str, flops: float, timing: Timing, extra: str = "") -> dict:
+    t_f, t_fb = timing.fwd_ms, timing.fwd_bwd_ms
     row = {"case": case, "backend": backend, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
            "fwd_tflops": flops / t_f / 1e9, "fwd_bwd_tflops": 3 * flops / t_fb / 1e9, "note": extra}
-    if kernel_ms is not None:  # --kernel-time: the same rates over the GPU kernel time alone
-        k_f, k_fb = kernel_ms
+    if timing.kernel_ms is not None:  # --kernel-time: the same rates over the GPU kernel time alone
+        k_f, k_fb = timing.kernel_ms
         row.update(fwd_kernel_ms=k_f, fwd_bwd_kernel_ms=k_fb, fwd_kernel_tflops=flops / k_f / 1e9,
                    fwd_bwd_kernel_tflops=3 * flops / k_fb / 1e9)
         row["note"] = " ".join(filter(None, (f"kernels: fwd {k_f:.3f} ms {row['fwd_kernel_tflops']:.1f} TF/s, "
@@ -224,7 +232,7 @@ def _set_triton(variant: str, cfg: tuple | None) -> str:
     return "cfg=" + ",".join(map(str, cfg))
 
 
-def time_packed(qkv, plan: VarlenPlan, args, backend: str = "triton") -> tuple[float, float]:
+def time_packed(qkv, plan: VarlenPlan, args, backend: str = "triton") -> Timing:
     """Like ``time_varlen`` through ``packed_attention_with_plan`` (the gradient of qkv is one buffer)."""
     g = torch.randn(qkv.shape[0], *qkv.shape[2:], device=qkv.device, dtype=qkv.dtype)
 
@@ -278,9 +286,9 @@ def _time_rows(name: str, qkv: torch.Tensor, plan: VarlenPlan, flops: float, arg
             be = ("torch_seq" if label.startswith("torch_seq") else "triton") if packed else backend
             try:
                 if packed:
-                    t_f, t_fb = time_packed(qkv, plan, args, be)
+                    timing = time_packed(qkv, plan, args, be)
                 else:
-                    t_f, t_fb = time_varlen(q, k, v, [qkv], plan, backend, args)
+                    timing = time_varlen(q, k, v, [qkv], plan, backend, args)
                 if ref is not None:
                     note = " ".join(filter(None, (note, _check_note(qkv, plan, be, packed, ref))))
             except (RuntimeError, ValueError) as e:  # report and continue with the other backends
@@ -289,7 +297,7 @@ def _time_rows(name: str, qkv: torch.Tensor, plan: VarlenPlan, flops: float, arg
             finally:
                 if variant is not None:
                     _set_triton(_default_variant(), None)
-            rows.append(_row(name, label + suffix, flops, t_f, t_fb, note, args.last_kernel_ms))
+            rows.append(_row(name, label + suffix, flops, timing, note))
             print(_fmt(rows[-1]))
     return rows
 
@@ -341,9 +349,8 @@ def run_varlen_case(name: str, coords: torch.Tensor, plan_fn, C: int, H: int, ar
         rows += _time_rows(name, ordered, VarlenPlan(plan.cu_q), flops, args, suffix="@ordered")
     if dense_L is not None:
         B = max(1, round(N / dense_L))
-        t_f, t_fb = time_dense(B, dense_L, H, d, dtype, args)
-        rows.append(_row(name, f"dense_sdpa[{B}x{dense_L}]", B * 4.0 * dense_L * dense_L * C, t_f, t_fb,
-                         kernel_ms=args.last_kernel_ms))
+        rows.append(_row(name, f"dense_sdpa[{B}x{dense_L}]", B * 4.0 * dense_L * dense_L * C,
+                         time_dense(B, dense_L, H, d, dtype, args)))
         print(_fmt(rows[-1]))
     return rows
 
@@ -451,17 +458,16 @@ def case_cross(args) -> list[dict]:
         for cfg in _triton_configs(args) if backend == "triton" else [None]:
             note = _set_triton(_default_variant(), cfg) if backend == "triton" else ""
             try:
-                t_f, t_fb = time_varlen(q, k, v, [q, kv], plan, backend, args)
+                timing = time_varlen(q, k, v, [q, kv], plan, backend, args)
             except (RuntimeError, ValueError) as e:
                 print(f"  {backend} {note} failed: {type(e).__name__}: {str(e)[:300]}")
                 continue
             finally:
                 if backend == "triton":
                     _set_triton(_default_variant(), None)
-            rows.append(_row("cross_4k_x_1374", backend, flops, t_f, t_fb, note))
+            rows.append(_row("cross_4k_x_1374", backend, flops, timing, note))
             print(_fmt(rows[-1]))
-    t_f, t_fb = time_dense(B, Lq, H, d, dtype, args, Lkv=Lc)
-    rows.append(_row("cross_4k_x_1374", "dense_sdpa", flops, t_f, t_fb))
+    rows.append(_row("cross_4k_x_1374", "dense_sdpa", flops, time_dense(B, Lq, H, d, dtype, args, Lkv=Lc)))
     print(_fmt(rows[-1]))
     return rows
 
@@ -511,7 +517,7 @@ def main() -> None:
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that only checks the script works")
     args = ap.parse_args()
-    args.last_kernel_ms, args.bandwidth = None, None
+    args.bandwidth = None
     global DEVICE, SMOKE
     if args.smoke:
         DEVICE, SMOKE = "cpu", True
