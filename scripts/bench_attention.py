@@ -363,14 +363,14 @@ def _add_custom_variant(args) -> None:
     except ImportError as e:
         raise SystemExit(f"--window-buckets needs the Triton kernels: {e}") from e
 
-    form = "BLOCK:FWD_M:FWD_WARPS:BWD_M:BWD_WARPS[:STAGES], all integers"
+    form = "BLOCK:FWD_M:FWD_WARPS:BWD_M:BWD_WARPS[:STAGES[:FWD_SPLIT]], all integers"
     rows = []
     for spec in args.window_buckets:
         try:
             rows.append(tuple(int(f) for f in spec.split(":")))
         except ValueError as e:
             raise SystemExit(f"--window-buckets {spec!r}: expected {form}") from e
-        if not 5 <= len(rows[-1]) <= 6:
+        if not 5 <= len(rows[-1]) <= 7:
             raise SystemExit(f"--window-buckets {spec!r}: expected {form}")
     try:
         buckets = tv.check_buckets(rows)
@@ -491,7 +491,7 @@ def main() -> None:
     ap.add_argument("--triton-configs", nargs="*", default=None,
                     help="long-path blocks BM,BN,warps for fwd, bwd_kv, bwd_q [, bwd_fused] (9 or 12 ints each), "
                          "applied on top of each variant (default: the variant's own)")
-    ap.add_argument("--window-buckets", nargs="*", default=None, metavar="BLOCK:FWD_M:FWD_WARPS:BWD_M:BWD_WARPS[:STAGES]",
+    ap.add_argument("--window-buckets", nargs="*", default=None, metavar="BLOCK:FWD_M:FWD_WARPS:BWD_M:BWD_WARPS[:STAGES[:FWD_SPLIT]]",
                     help="also time a Triton variant 'custom' with these window buckets (triton_varlen.WindowBucket "
                          "fields, e.g. 32:32:4:32:4 64:64:4:64:4 128:64:4:64:4)")
     ap.add_argument("--window-heads", default="auto",

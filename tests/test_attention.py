@@ -402,20 +402,21 @@ _WIN_LENS_KV = [3, 16, 9, 32, 20, 64, 4, 40, 1]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-@pytest.mark.parametrize("heads_per_prog,H,fused,delta_from_p", [(2, 3, 0, True), (0, 1, 32, True),
-                                                                   (2, 3, 0, False), (0, 1, 32, False)])
-def test_triton_window_path_interpreter(monkeypatch, heads_per_prog, H, fused, delta_from_p):
+@pytest.mark.parametrize("heads_per_prog,H,fused,delta_from_p,split", [
+    (2, 3, 0, True, 0), (0, 1, 32, True, 0), (2, 3, 0, False, 0), (0, 1, 32, False, 0), (2, 3, 0, True, 1)])
+def test_triton_window_path_interpreter(monkeypatch, heads_per_prog, H, fused, delta_from_p, split):
     """The window path beside the long path, in fp32 on the CPU through TRITON_INTERPRET: buckets 16
     (one tile) and 64 (queries in 1-4 chunks of 16), 3 heads in programs of 2 (a partial head group),
     two-kernel long path above 64; or bucket 16 alone, 1 head, the fused long-path backward taking
     lengths 17..32 and the two-kernel one the rest. The one-tile backwards take delta = rowsum(dO * O)
-    from P and dP, or from O."""
+    from P and dP, or from O; with ``split`` the 64 bucket's forward runs each query chunk in a program
+    of its own."""
     if torch.cuda.is_available():
         pytest.skip("covered by the GPU test")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     from trellis.modules.attention import triton_varlen as tv
 
-    buckets = (tv.WindowBucket(16, 16, 1, 16, 1, 2), tv.WindowBucket(64, 16, 1, 16, 1, 1))
+    buckets = (tv.WindowBucket(16, 16, 1, 16, 1, 2), tv.WindowBucket(64, 16, 1, 16, 1, 1, split))
     monkeypatch.setattr(tv, "WINDOW_CONFIG", {"buckets": buckets[:1] if fused else buckets, "heads": heads_per_prog,
                                               "delta_from_p": delta_from_p})
     monkeypatch.setattr(tv, "BLOCK_CONFIG", {"fwd": (16, 16, 4), "bwd_kv": (16, 16, 4), "bwd_q": (16, 16, 4),
@@ -470,9 +471,11 @@ def test_triton_variants_are_valid():
     # the module starts as its default variant: the window path on (faster on an H100, session 7)
     assert tv.DEFAULT_VARIANT == "win" and tv.WINDOW_CONFIG == tv.VARIANTS["win"]["window"]
     assert tv.MID_CONFIG == tv.VARIANTS["win"]["mid"] and tv.MID_CONFIG["max_len"] == 256
-    assert tv.check_buckets([(32, 32, 4, 32, 4), (128, 64, 4, 64, 8, 1)])[1].stages == 1
+    ok = tv.check_buckets([(32, 32, 4, 32, 4), (128, 64, 4, 64, 8, 1, 1)])
+    assert ok[1].stages == 1 and ok[1].fwd_split == 1 and ok[0].fwd_split == 0
     for bad, msg in (([(48, 32, 4, 32, 4)], "powers of two >= 16"), ([(64, 64, 4, 64, 4), (32, 32, 4, 32, 4)], "increasing"),
-                     ([(64, 128, 4, 64, 4)], "from 16 to block"), ([(64, 64, 4, 64, 4, 0)], "stages")):
+                     ([(64, 128, 4, 64, 4)], "from 16 to block"), ([(64, 64, 4, 64, 4, 0)], "stages"),
+                     ([(64, 32, 4, 64, 4, 2, 2)], "fwd_split")):
         with pytest.raises(ValueError, match=msg):
             tv.check_buckets(bad)
 
@@ -560,7 +563,7 @@ _GPU_LENS_KV = [5, 16, 40, 1, 33, 100, 65, 90, 129, 64, 256, 3, 20, 300]
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("variant,dtype,tol", [
-    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "old_mid", "win_s1", "win_max64", "win256", "win_o")],
+    *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "old_mid", "win_s1", "win_max64", "win256", "win_o", "win_split")],
     ("win", torch.float32, 1e-5), ("win", torch.float16, 1e-2),
 ])
 def test_triton_window_path_gpu(variant, dtype, tol):

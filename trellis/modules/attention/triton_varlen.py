@@ -93,7 +93,10 @@ class WindowBucket(NamedTuple):
     software-pipelined; below it the keys are loaded once per head and the queries taken in chunks
     (the backward accumulates dK and dV over them in registers), and the chunk loop is pipelined.
     ``stages``: ``num_stages`` of the pipelined loop (1 = none); each stage holds one iteration's
-    q, k, v (and O, dO) tiles in shared memory."""
+    q, k, v (and O, dO) tiles in shared memory. ``fwd_split``: with ``fwd_m < block``, the forward of
+    2-byte inputs runs each query chunk in a program of its own (the grid has block / fwd_m programs per
+    sequence, each loading the keys again) instead of looping over the chunks; its head loop is then
+    pipelined. Float32 inputs on the GPU keep the chunk loop (``_split_for``)."""
 
     block: int
     fwd_m: int
@@ -101,6 +104,7 @@ class WindowBucket(NamedTuple):
     bwd_m: int
     bwd_warps: int
     stages: int = 2
+    fwd_split: int = 0
 
 
 def _buckets(*rows: tuple) -> tuple[WindowBucket, ...]:
@@ -109,6 +113,10 @@ def _buckets(*rows: tuple) -> tuple[WindowBucket, ...]:
 
 _B16, _B32, _B64, _B128, _B256 = _buckets(
     (16, 16, 2, 16, 2), (32, 32, 4, 32, 4), (64, 64, 4, 64, 4), (128, 128, 8, 128, 8), (256, 32, 8, 32, 8))
+# The 128 bucket of "win_split": forward in query chunks of 64, each chunk a program of 4 warps (session 7,
+# H200: that launch 256 -> 203-210 us on the 8-object swin workload, forward + backward -3%); backward one
+# 128 x 128 tile of 8 warps. Not the default yet: its float16 GPU test has not run (bfloat16 passed).
+_B128S = WindowBucket(128, 64, 4, 128, 8, 2, 1)
 # No 16 bucket by default: windows of <= 16 voxels carry ~0.2% of the FLOPs of a surface workload and
 # cost no more bytes in a 32 tile (masked rows are not loaded), while each bucket is one more launch.
 # The 256 bucket with two pipeline stages needs more shared memory than the card has for head dim > 64,
@@ -150,6 +158,7 @@ VARIANTS: dict[str, dict] = {
     "win256": _variant(buckets=(_B32, _B64, _B128, _B256)),  # "win" plus the 256 bucket; head dim <= 64
     "win_o": _variant(delta_from_p=False),  # "win" with the backward reading O for delta
     "win_nomid": _variant(mid={"max_len": 0}),  # "win" with the long-path blocks for windows over 128
+    "win_split": _variant(buckets=(_B32, _B64, _B128S)),  # "win" with the 128 bucket's forward split (above)
 }
 DEFAULT_VARIANT = "win"
 
@@ -399,11 +408,11 @@ def _mask_rows(mask_r, offs_d, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _win_prologue(SEQS, CUQ, CUK, IDXK, heads_per_prog, n_heads, D, GATHER_K: tl.constexpr, EVEN_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's heads [h_lo, h_hi), its sequence's query range and its whole key tile (mask, rows,
-    load mask)."""
-    seq = tl.load(SEQS + tl.program_id(0))
+def _win_prologue(SEQS, slot, CUQ, CUK, IDXK, heads_per_prog, n_heads, D, GATHER_K: tl.constexpr,
+                  EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's heads [h_lo, h_hi), the query range of its sequence (``SEQS[slot]``) and its whole
+    key tile (mask, rows, load mask)."""
+    seq = tl.load(SEQS + slot)
     h_lo = tl.program_id(1) * heads_per_prog
     h_hi = tl.minimum(h_lo + heads_per_prog, n_heads)
     q_lo, n_q, k_lo, n_kv = _bounds(CUQ, CUK, seq)
@@ -436,20 +445,29 @@ def _win_fwd_kernel(
     n_heads, heads_per_prog, qk_scale, D,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, IEEE: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """Forward of one whole sequence (<= BLOCK_N queries and keys) for heads [h_lo, h_hi).
 
     Key row indices are loaded once, before the head loop; so are the query rows when the queries
-    fit one tile (BLOCK_M == BLOCK_N), else each head loops over chunks of BLOCK_M queries.
+    fit one tile (BLOCK_M == BLOCK_N), else each head loops over chunks of BLOCK_M queries. With
+    SPLIT, program p takes query chunk p % (BLOCK_N // BLOCK_M) of sequence SEQS[p // that] alone.
     """
+    if SPLIT:
+        slot = tl.program_id(0) // (BLOCK_N // BLOCK_M)
+        m0 = (tl.program_id(0) % (BLOCK_N // BLOCK_M)) * BLOCK_M
+    else:
+        slot = tl.program_id(0)
+        m0 = 0
     h_lo, h_hi, q_lo, n_q, mask_n, rows_k, kv_mask = _win_prologue(
-        SEQS, CUQ, CUK, IDXK, heads_per_prog, n_heads, D, GATHER_K, EVEN_D, BLOCK_N, BLOCK_D)
+        SEQS, slot, CUQ, CUK, IDXK, heads_per_prog, n_heads, D, GATHER_K, EVEN_D, BLOCK_N, BLOCK_D)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
-    if BLOCK_M == BLOCK_N:  # one tile per head; the head loop is pipelined
-        mask_m = offs_m < n_q
-        rows_q = _rows(IDXQ, q_lo + offs_m, mask_m, GATHER_Q)
-        for h in tl.range(h_lo, h_hi, num_stages=STAGES):
+    if BLOCK_M == BLOCK_N or SPLIT:  # one query tile per program and head; the head loop is pipelined
+        mask_m = m0 + offs_m < n_q
+        rows_q = _rows(IDXQ, q_lo + m0 + offs_m, mask_m, GATHER_Q)
+        h_end = tl.where(m0 < n_q, h_hi, h_lo)  # a chunk past the sequence's queries has nothing to do
+        for h in tl.range(h_lo, h_end, num_stages=STAGES):
             k = _tile(K, rows_k, h, sk_r, sk_h, offs_d, kv_mask)
             v = _tile(V, rows_k, h, sv_r, sv_h, offs_d, kv_mask)
             _win_fwd_tile(Q, OUT, LSE, rows_q, mask_m, h, k, v, mask_n, offs_d, D, sq_r, sq_h, so_r, so_h,
@@ -511,7 +529,7 @@ def _win_bwd_kernel(
     """Whole backward of one sequence (<= BLOCK_N queries and keys) for heads [h_lo, h_hi): dQ, dK and
     dV written once each; with BLOCK_M < BLOCK_N, dK and dV accumulate in registers over query chunks."""
     h_lo, h_hi, q_lo, n_q, mask_n, rows_k, kv_mask = _win_prologue(
-        SEQS, CUQ, CUK, IDXK, heads_per_prog, n_heads, D, GATHER_K, EVEN_D, BLOCK_N, BLOCK_D)
+        SEQS, tl.program_id(0), CUQ, CUK, IDXK, heads_per_prog, n_heads, D, GATHER_K, EVEN_D, BLOCK_N, BLOCK_D)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
     if BLOCK_M == BLOCK_N:  # one tile per head; the head loop is pipelined
@@ -585,6 +603,8 @@ def check_buckets(rows) -> tuple[WindowBucket, ...]:
                 raise ValueError(f"window bucket {b}: fwd_m and bwd_m must be powers of two from 16 to block")
         if b.stages < 1:
             raise ValueError(f"window bucket {b}: stages must be >= 1")
+        if b.fwd_split not in (0, 1):
+            raise ValueError(f"window bucket {b}: fwd_split must be 0 or 1")
         prev = b.block
     return buckets
 
@@ -728,6 +748,13 @@ def _stages_for(b: WindowBucket, q: torch.Tensor) -> int:
     return b.stages if q.element_size() <= 2 else 1
 
 
+def _split_for(b: WindowBucket, q: torch.Tensor) -> bool:
+    """Whether the bucket's forward runs its query chunks as separate programs for inputs like ``q``:
+    as configured, except float32 on the GPU, which keeps the chunk loop (measured only for 2-byte
+    inputs; the interpreter runs float32 split programs, which checks their indexing on the CPU)."""
+    return bool(b.fwd_split) and b.fwd_m < b.block and (q.element_size() <= 2 or q.device.type != "cuda")
+
+
 def _delta_from_p() -> bool:
     """Whether the one-tile backward kernels take delta = rowsum(dO * O) as rowsum(P * dP) instead of
     reading O (``WINDOW_CONFIG["delta_from_p"]``, default on)."""
@@ -754,10 +781,11 @@ def _forward(q, k, v, plan: VarlenPlan, scale: float) -> tuple[torch.Tensor, tor
     common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **meta)
     if rt.win:
         for b, seqs, n_seqs, hpp, groups in _win_launches(rt, H, dev):
-            _win_fwd_kernel[(n_seqs, groups)](
+            split = _split_for(b, q)
+            _win_fwd_kernel[(n_seqs * (b.block // b.fwd_m if split else 1), groups)](
                 q, k, v, o, lse, idx_q, idx_k, cu_q, cu_kv, seqs, *_strides(q, k, v, o),
                 H, hpp, scale * _LOG2E, d, EVEN_D=meta["BLOCK_D"] == d, BLOCK_M=b.fwd_m, BLOCK_N=b.block,
-                STAGES=_stages_for(b, q), num_warps=b.fwd_warps, **common,
+                STAGES=_stages_for(b, q), SPLIT=split, num_warps=b.fwd_warps, **common,
             )
     for mid, keep, _ in rt.long_groups:
         bm, bn, warps = _long_blocks("fwd", q, mid)
