@@ -586,9 +586,19 @@ def _delta_kernel(OUT, DO, DELTA, ROWS, n_flat, n_heads, so_r, so_h, sdo_r, sdo_
 _FUSED, _LONG, _EMPTY, _MID = -1, -2, -3, -4  # routes besides a window bucket index
 
 
+_CHECKED_BUCKETS: dict = {}
+
+
 def _window_buckets() -> tuple[WindowBucket, ...]:
-    """``WINDOW_CONFIG["buckets"]``, checked."""
-    return check_buckets(WINDOW_CONFIG["buckets"])
+    """``WINDOW_CONFIG["buckets"]``, checked (once per configured value: every call reads it twice)."""
+    raw = WINDOW_CONFIG["buckets"]
+    try:
+        return _CHECKED_BUCKETS[raw]
+    except KeyError:
+        _CHECKED_BUCKETS[raw] = buckets = check_buckets(raw)
+        return buckets
+    except TypeError:  # an unhashable value (e.g. a list): checked every time
+        return check_buckets(raw)
 
 
 def check_buckets(rows) -> tuple[WindowBucket, ...]:
