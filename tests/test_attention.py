@@ -468,9 +468,11 @@ def test_triton_variants_are_valid():
         for cfg, old in zip((tv.WINDOW_CONFIG, tv.BLOCK_CONFIG, tv.MID_CONFIG), saved):
             cfg.clear()
             cfg.update(old)
-    # the module starts as its default variant: the window path on (faster on an H100, session 7)
-    assert tv.DEFAULT_VARIANT == "win" and tv.WINDOW_CONFIG == tv.VARIANTS["win"]["window"]
-    assert tv.MID_CONFIG == tv.VARIANTS["win"]["mid"] and tv.MID_CONFIG["max_len"] == 256
+    # the module starts as its default variant: the window path on (faster on an H100, session 7) with
+    # the 128 bucket's forward split into query-chunk programs (session 8)
+    assert tv.DEFAULT_VARIANT == "win_split" and tv.WINDOW_CONFIG == tv.VARIANTS["win_split"]["window"]
+    assert tv.WINDOW_CONFIG["buckets"][-1].block == 128 and tv.WINDOW_CONFIG["buckets"][-1].fwd_split == 1
+    assert tv.MID_CONFIG == tv.VARIANTS["win_split"]["mid"] and tv.MID_CONFIG["max_len"] == 256
     ok = tv.check_buckets([(32, 32, 4, 32, 4), (128, 64, 4, 64, 8, 1, 1)])
     assert ok[1].stages == 1 and ok[1].fwd_split == 1 and ok[0].fwd_split == 0
     for bad, msg in (([(48, 32, 4, 32, 4)], "powers of two >= 16"), ([(64, 64, 4, 64, 4), (32, 32, 4, 32, 4)], "increasing"),
@@ -548,9 +550,15 @@ def test_triton_heads_per_program(monkeypatch):
     assert tv._head_groups(3, 5, 132) == (3, 1) and tv._head_groups(12, 5, 132) == (4, 3)
 
 
+def _dtype_ids(value):
+    """Test ids that name the dtype (``-k float16`` selects by it); other values keep pytest's ids."""
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 1e-2)],
+                         ids=_dtype_ids)
 def test_triton_kernel_gpu(dtype, tol):
     _triton_check("cuda", dtype, tol, block=None)
 
@@ -565,7 +573,7 @@ _GPU_LENS_KV = [5, 16, 40, 1, 33, 100, 65, 90, 129, 64, 256, 3, 20, 300]
 @pytest.mark.parametrize("variant,dtype,tol", [
     *[(v, torch.bfloat16, 2e-2) for v in ("win", "old", "old_mid", "win_s1", "win_max64", "win256", "win_o", "win_split")],
     ("win", torch.float32, 1e-5), ("win", torch.float16, 1e-2), ("win_split", torch.float16, 1e-2),
-])
+], ids=_dtype_ids)
 def test_triton_window_path_gpu(variant, dtype, tol):
     from trellis.modules.attention import triton_varlen as tv
 

@@ -33,7 +33,7 @@ Two families of kernels share the work; each sequence is routed to one of them b
 
 ``VARIANTS`` names whole configurations (the window path's settings and the long path's blocks) so
 that the benchmark can compare them in one run; ``use_variant`` switches. ``"old"`` is the code path
-before the window path exactly; ``DEFAULT_VARIANT`` ("win") is what the module starts with.
+before the window path exactly; ``DEFAULT_VARIANT`` ("win_split") is what the module starts with.
 
 ``triton_packed_attention`` takes q, k, v as one ``[N, 3, H, d]`` tensor and returns its gradient as
 one ``[N, 3, H, d]`` buffer that the kernels write directly; with three separate views autograd would
@@ -115,7 +115,7 @@ _B16, _B32, _B64, _B128, _B256 = _buckets(
     (16, 16, 2, 16, 2), (32, 32, 4, 32, 4), (64, 64, 4, 64, 4), (128, 128, 8, 128, 8), (256, 32, 8, 32, 8))
 # The 128 bucket of "win_split": forward in query chunks of 64, each chunk a program of 4 warps (session 7,
 # H200: that launch 256 -> 203-210 us on the 8-object swin workload, forward + backward -3%); backward one
-# 128 x 128 tile of 8 warps. Not the default yet: its float16 GPU test has not run (bfloat16 passed).
+# 128 x 128 tile of 8 warps. The default since session 8 (its float16 and bfloat16 GPU tests pass).
 _B128S = WindowBucket(128, 64, 4, 128, 8, 2, 1)
 # No 16 bucket by default: windows of <= 16 voxels carry ~0.2% of the FLOPs of a surface workload and
 # cost no more bytes in a 32 tile (masked rows are not loaded), while each bucket is one more launch.
@@ -160,7 +160,7 @@ VARIANTS: dict[str, dict] = {
     "win_nomid": _variant(mid={"max_len": 0}),  # "win" with the long-path blocks for windows over 128
     "win_split": _variant(buckets=(_B32, _B64, _B128S)),  # "win" with the 128 bucket's forward split (above)
 }
-DEFAULT_VARIANT = "win"
+DEFAULT_VARIANT = "win_split"
 
 
 def use_variant(name: str) -> None:
