@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from bench_common import bf16_peak_tflops, gpu_kernels  # noqa: E402
+from bench_common import bf16_peak_tflops, copy_bandwidth_tbs, gpu_kernels  # noqa: E402
 
 from trellis.datasets.structured_latent import SLat  # noqa: E402
 from trellis.modules.sparse import SparseTensor  # noqa: E402
@@ -212,23 +212,30 @@ def kernel_table(prof, rows: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def kernel_kinds(prof) -> str:
-    """GPU time of one profiled step by kernel kind, and how much of the step's span the GPU was idle."""
+def kernel_kinds(prof, gaps: int = 8) -> str:
+    """GPU time of one profiled step by kernel kind, how much of the step's span the GPU was idle, and
+    the ``gaps`` longest idle stretches with the kernels on either side (where the GPU waited for the
+    host)."""
     sums, spans, count = {}, [], 0
-    for _name, kind, ms, span in _kernel_events(prof):
+    for name, kind, ms, span in _kernel_events(prof):
         sums[kind] = sums.get(kind, 0.0) + ms
-        spans.append(span)
+        spans.append((span[0], span[1], name))
         count += 1
     if not spans:
         return "no GPU events\n"
     spans.sort()
-    busy, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
-    for a, b in spans[1:]:
+    busy, cur_s, cur_e, last = 0.0, spans[0][0], spans[0][1], spans[0][2]
+    idle = []  # (us, offset from the first kernel in us, kernel before, kernel after)
+    for a, b, name in spans[1:]:
         if a > cur_e:
             busy += cur_e - cur_s
+            idle.append((a - cur_e, cur_e - spans[0][0], last, name))
             cur_s, cur_e = a, b
+        elif b <= cur_e:
+            continue
         else:
-            cur_e = max(cur_e, b)
+            cur_e = b
+        last = name
     busy += cur_e - cur_s
     wall = (spans[-1][1] - spans[0][0]) / 1e3
     lines = [f"{'kind':34s} {'GPU ms':>9s} {'share':>7s}"]
@@ -238,12 +245,56 @@ def kernel_kinds(prof) -> str:
     lines.append(f"{'kernels':34s} {count:9d}")
     lines.append(f"{'first kernel start to last end':34s} {wall:9.2f} ms; GPU busy {busy / 1e3:.2f} ms, "
                  f"idle {wall - busy / 1e3:.2f} ms")
+    if idle:
+        bins = ((0, 5), (5, 50), (50, float("inf")))
+        lines.append("idle stretches by length: " + "; ".join(
+            f"{lo:g}-{hi:g} us: {sum(1 for g in idle if lo <= g[0] < hi)} ({sum(g[0] for g in idle if lo <= g[0] < hi) / 1e3:.2f} ms)"
+            for lo, hi in bins).replace("-inf us", "+ us"))
+    if idle and gaps:
+        lines.append(f"the {min(gaps, len(idle))} longest of {len(idle)} idle stretches "
+                     "(us; at ms into the step; after kernel -> before kernel):")
+        for us, at, before, after in sorted(idle, reverse=True)[:gaps]:
+            lines.append(f"  {us:9.1f} us at {at / 1e3:8.2f} ms  {before[:60]} -> {after[:60]}")
+    return "\n".join(lines) + "\n"
+
+
+def inductor_bandwidth_summary(path: str, copy_tbs: float) -> str:
+    """Sums a ``torch._inductor.config.profile_bandwidth`` report (one section per call of a compiled
+    graph, one line per kernel launch: ms, GB, GB/s, name) over the last call of each graph: the
+    compiled element-wise kernels of one forward + backward. Their bytes are Inductor's count of what
+    each kernel must read and write; at the copy rate ``copy_tbs`` that traffic takes the memory-bound
+    least time, beside the kernels' own time (each benchmarked alone)."""
+    sections, cur = {}, None
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("TRITON KERNELS BANDWIDTH INFO ("):
+                cur = line[line.index("(") + 1:line.rindex(")")]
+                sections[cur] = []  # a later call of the same graph replaces the earlier one
+            elif line.startswith("SUMMARY") or line.startswith("===="):
+                cur = None
+            elif cur is not None and line.strip():
+                parts = [p.strip() for p in line.split("\t") if p.strip()]
+                ms, gb = float(parts[0].removesuffix("ms")), float(parts[1].removesuffix("GB"))
+                sections[cur].append((ms, gb, parts[-1]))
+    if not sections:
+        return f"no Inductor bandwidth sections in {path}\n"
+    lines = [f"{'graph':>5s} {'launches':>8s} {'kernel ms':>10s} {'GB':>8s} {'TB/s':>6s} {'ms at copy rate':>16s}"]
+    tot_ms = tot_gb = 0.0
+    for i, calls in enumerate(sections.values()):
+        ms, gb = sum(c[0] for c in calls), sum(c[1] for c in calls)
+        tot_ms, tot_gb = tot_ms + ms, tot_gb + gb
+        lines.append(f"{i:5d} {len(calls):8d} {ms:10.2f} {gb:8.2f} {gb / ms if ms else 0:6.2f} {gb / copy_tbs:16.2f}")
+    lines.append(f"{'all':>5s} {sum(len(c) for c in sections.values()):8d} {tot_ms:10.2f} {tot_gb:8.2f} "
+                 f"{tot_gb / tot_ms if tot_ms else 0:6.2f} {tot_gb / copy_tbs:16.2f}")
+    lines.append(f"(copy rate {copy_tbs:.2f} TB/s; GB / (TB/s) = ms)")
     return "\n".join(lines) + "\n"
 
 
 def bench(which: str, mode: str, steps: int, device: torch.device, compile_model: bool | dict,
           profile_dir: str | None = None, pipe_block: int = 4, pipe_reps: int = 5, find: bool = False,
-          batch_split: int | None = None, fresh_coords: bool = False, profile_rows: int = 40) -> dict:
+          batch_split: int | None = None, fresh_coords: bool = False, profile_rows: int = 40,
+          bandwidth_pass: bool = False) -> dict:
     with open(os.path.join(ROOT, "configs", "generation", CONFIGS[which] + ".json")) as f:
         cfg = json.load(f)
     spec = cfg["models"]["denoiser"]
@@ -277,6 +328,13 @@ def bench(which: str, mode: str, steps: int, device: torch.device, compile_model
                     mb["x_0"] = SparseTensor(x.feats, x.coords.clone(), shape=x.shape)
             return out
 
+        if bandwidth_pass:  # Inductor's per-kernel bandwidth report (see --inductor_bandwidth): no timing
+            # one pass (it compiles, then reports): the report looks up every launch's kernel name
+            # through the garbage collector, seconds per pass
+            trainer.policy.zero_grad()
+            trainer.forward_backward(fresh())
+            torch.cuda.synchronize()
+            return {}
         x_all = SLat.collate_fn([dataset[i] for i in range(8)])["x_0"] if sparse else None
         flops = slat_flops(spec["args"], x_all) if sparse else ss_flops(spec["args"], 8)
         for i in range(3):
@@ -406,6 +464,11 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--profile_dir", default=None, help="write a kernel table of one profiled step per run here")
     ap.add_argument("--profile_rows", type=int, default=40, help="rows of the --profile_dir tables")
+    ap.add_argument("--inductor_bandwidth", default=None, metavar="FILE",
+                    help="instead of timing: run each --compile pair's forward + backward with Inductor's "
+                         "per-kernel bandwidth report written to FILE (torch._inductor.config.profile_bandwidth; "
+                         "every kernel benchmarked alone, results not usable) and print its sums: the "
+                         "compiled element-wise kernels' traffic and its time at the measured copy rate")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_train.py needs a CUDA device")
@@ -417,6 +480,37 @@ def main() -> None:
     runs = [(w, m, False) for w in args.which.split(",") for m in args.modes.split(",") if m and m != "none"]
     ckw = json.loads(args.compile_kwargs) if args.compile_kwargs else True
     runs += [(p.split(":")[0], p.split(":")[1], ckw) for p in args.compile.split(",") if p]
+    if args.inductor_bandwidth:
+        import torch._inductor.config as inductor_config
+
+        copy_tbs = copy_bandwidth_tbs(device)
+        inductor_config.profile_bandwidth = True
+        inductor_config.profile_bandwidth_regex = ""
+        # no benchmark harness in the generated modules: torch 2.11 calls it without its arguments when
+        # a bandwidth report file is set (and the report needs no harness)
+        inductor_config.benchmark_harness = False
+        # The report names each launch's kernel by searching the garbage collector's referrers, on every
+        # launch (tens of ms each, minutes per step): once per kernel object is enough.
+        from torch._inductor.runtime import triton_heuristics
+
+        find_names, names = triton_heuristics._find_names, {}
+
+        def cached_names(obj):
+            if id(obj) not in names:
+                names[id(obj)] = find_names(obj)
+            return names[id(obj)]
+
+        triton_heuristics._find_names = cached_names
+        for which, mode, comp in runs:
+            if not comp:
+                continue
+            inductor_config.profile_bandwidth_output = path = f"{args.inductor_bandwidth}.{which}_{mode}"
+            if os.path.exists(path):
+                os.remove(path)  # Inductor appends
+            bench(which, mode, 1, device, comp, batch_split=args.batch_split, bandwidth_pass=True)
+            print(f"# {CONFIGS[which]} {mode}+compile: Inductor kernels of one forward + backward ({path})")
+            print(inductor_bandwidth_summary(path, copy_tbs), flush=True)
+        return
     rows = []
     for which, mode, comp in runs:
         r = bench(which, mode, args.steps, device, comp, args.profile_dir, args.pipe_block, args.pipe_reps,
