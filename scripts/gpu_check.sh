@@ -12,6 +12,7 @@
 # On a fresh machine (empty Triton and Inductor caches) the whole check is more than one 10-minute
 # device call: run it as two calls,
 #   GPU_CHECK_ONLY="tests" GPU_CHECK_LANES=3 bash scripts/gpu_check.sh   # 1 GPU: about 8.5 min with pytest-xdist
+# (on a GPU under 120 GiB, e.g. an H100, tests_flow then runs after the other two shards: see BIG_STEPS)
 #   GPU_CHECK_ONLY="ss_vae sparse attention train toolkit scaling" bash scripts/gpu_check.sh
 # The benchmarks of the second call run side by side on a 4-GPU machine; even there the training
 # benchmarks did not all finish inside one 10-minute call (session 5): run GPU_CHECK_ONLY=train alone
@@ -104,6 +105,23 @@ lanes=${GPU_CHECK_LANES:-$ngpu}
 [ "$lanes" -gt 4 ] && lanes=4
 [ "$lanes" -lt 1 ] && lanes=1
 status=0
+# Steps that need most of an 80 GB card (real-size models: the flow configs' tryruns, the training
+# benchmarks). Where lanes share a GPU of less than GPU_CHECK_BIG_GIB (default 120) GiB, e.g. the three
+# test shards on one H100, they run after the shared lanes, alone: side by side they ran out of memory
+# (session 8, H100: the flow tryruns at 54 GiB beside the attention tests at 37 GiB).
+BIG_STEPS=" tests_flow train_ss train_slat train_split1 "
+alone=()
+if [ "$lanes" -gt "$ngpu" ]; then
+    gib=$($PY -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)")
+    if [ "$gib" -lt "${GPU_CHECK_BIG_GIB:-120}" ]; then
+        shared=()
+        for s in "${steps[@]}"; do
+            case "$BIG_STEPS" in *" $s "*) alone+=("$s") ;; *) shared+=("$s") ;; esac
+        done
+        [ ${#alone[@]} -gt 0 ] && echo "GPU of $gib GiB shared by $lanes lanes: ${alone[*]} after the lanes, alone"
+        steps=("${shared[@]}")
+    fi
+fi
 if [ "$lanes" -le 1 ]; then
     for s in "${steps[@]}"; do run_step "$s"; report "$s" || status=1; done
 else
@@ -125,6 +143,7 @@ else
     wait
     for s in "${steps[@]}"; do report "$s" || status=1; done
 fi
+for s in "${alone[@]}"; do run_step "$s"; report "$s" || status=1; done
 # Scaling needs several GPUs (1, 2 and 4 are measured where present) and runs alone.
 if wanted scaling && [ "$ngpu" -gt 1 ]; then
     CMD[scaling]="$PY scripts/bench_scaling.py --gpus 1,2$([ "$ngpu" -ge 4 ] && echo ,4) --json $LOG/scaling.json"
