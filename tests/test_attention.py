@@ -533,6 +533,27 @@ def test_triton_routing_by_length():
     assert tv._Routing(plan, (), 70, 120, cpu).delta_rows() is None  # window path off: all rows
 
 
+def test_triton_window_tiles_by_row_bytes():
+    """Window buckets and pipeline depth follow a tile row's bytes (element size x BLOCK_D): 2-byte heads
+    up to 64 as configured; wider rows (float32, head dim 80 of the XL flow models) unpipelined; rows over
+    256 bytes only the buckets up to 64 (the 128 tiles would not fit in shared memory)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed")
+    from trellis.modules.attention import triton_varlen as tv
+
+    b128 = tv.WINDOW_CONFIG["buckets"][-1]
+    assert b128.block == 128 and b128.stages == 2
+    cases = [(torch.bfloat16, 64, 128, 2), (torch.float16, 40, 128, 2), (torch.bfloat16, 80, 128, 1),
+             (torch.bfloat16, 128, 128, 1), (torch.float32, 64, 128, 1), (torch.float32, 80, 64, 1),
+             (torch.bfloat16, 160, 64, 1)]
+    for dtype, d, largest, stages in cases:
+        q = torch.empty(1, 2, d, dtype=dtype)
+        buckets = tv._buckets_for(q)
+        assert max(b.block for b in buckets) == largest, (dtype, d)
+        assert tv._stages_for(b128, q) == stages, (dtype, d)
+        assert all(b in tv.WINDOW_CONFIG["buckets"] for b in buckets)
+
+
 def test_triton_heads_per_program(monkeypatch):
     """"auto" splits the heads of a bucket with few windows so that it fills the GPU."""
     if importlib.util.find_spec("triton") is None:
@@ -589,6 +610,20 @@ def test_triton_window_path_gpu(variant, dtype, tol):
         _triton_compare("cuda", dtype, tol, _GPU_LENS, None, 2, 40, gather=True)  # head dim below BLOCK_D
     finally:
         tv.use_variant(tv.DEFAULT_VARIANT)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 1e-2), (torch.float32, 1e-5)],
+                         ids=_dtype_ids)
+def test_triton_window_path_wide_heads_gpu(dtype, tol):
+    """Head dims over 64 on the default variant: 80 (the XL flow models; its 128-bucket backward with
+    two pipeline stages asked for more shared memory than an H100 has) and 128 (float32: buckets up to
+    64 only), self and cross, every bucket boundary."""
+    torch.manual_seed(13)
+    for d in (80, 128):
+        _triton_compare("cuda", dtype, tol, _GPU_LENS, None, 2, d, gather=True)
+        _triton_compare("cuda", dtype, tol, _GPU_LENS, _GPU_LENS_KV, 2, d, gather=True, packed=False)
 
 
 def _cuda_backend(backend: str) -> torch.device:

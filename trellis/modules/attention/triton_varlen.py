@@ -689,8 +689,8 @@ class _Routing:
         return self._tables["delta"]
 
 
-def _routing(plan: VarlenPlan, device: torch.device) -> _Routing:
-    blocks = tuple(b.block for b in _window_buckets())
+def _routing(plan: VarlenPlan, device: torch.device, buckets: tuple[WindowBucket, ...]) -> _Routing:
+    blocks = tuple(b.block for b in buckets)
     fused, mid = BLOCK_CONFIG["bwd_fused"][0], int(MID_CONFIG["max_len"])
     return plan.cached(("triton_routing", blocks, fused, mid, device),
                        lambda: _Routing(plan, blocks, fused, mid, device))
@@ -740,10 +740,10 @@ def _head_groups(H: int, n_seqs: int, sms: int | None) -> tuple[int, int]:
     return hpp, _cdiv(H, hpp)
 
 
-def _win_launches(rt: _Routing, H: int, dev: torch.device) -> list[tuple[WindowBucket, torch.Tensor, int, int, int]]:
-    """Window-path launches of a plan: (bucket, sequence ids, their count, heads per program, head
-    groups), largest bucket first; cached on the routing for the current window configuration."""
-    buckets = _window_buckets()
+def _win_launches(rt: _Routing, H: int, dev: torch.device,
+                  buckets: tuple[WindowBucket, ...]) -> list[tuple[WindowBucket, torch.Tensor, int, int, int]]:
+    """Window-path launches of a plan routed over ``buckets``: (bucket, sequence ids, their count,
+    heads per program, head groups), largest bucket first; cached on the routing."""
     key = ("win", H, WINDOW_CONFIG["heads"], buckets)
     if key not in rt._tables:
         sms = _sm_count(dev)
@@ -752,10 +752,31 @@ def _win_launches(rt: _Routing, H: int, dev: torch.device) -> list[tuple[WindowB
     return rt._tables[key]
 
 
+# Shared memory of the window kernels grows with a tile row's bytes (element size x BLOCK_D). The
+# buckets are tuned for 2-byte heads of up to 64 (128 bytes). Wider rows (float32; 2-byte heads of
+# 65-128, e.g. the XL flow models' 80, whose 128-bucket backward with 2 stages asked for 288 KB of the
+# H100's 227) run unpipelined; rows over 256 bytes (float32 heads over 64, 2-byte heads over 128) keep
+# only the buckets up to 64 (windows over 64 go to the long path's kernels).
+_PIPELINED_ROW_BYTES, _BUCKET128_ROW_BYTES = 128, 256
+
+
+def _row_bytes(q: torch.Tensor) -> int:
+    return q.element_size() * _meta(q)["BLOCK_D"]
+
+
+def _buckets_for(q: torch.Tensor) -> tuple[WindowBucket, ...]:
+    """The configured window buckets that fit inputs like ``q`` (see ``_BUCKET128_ROW_BYTES``)."""
+    buckets = _window_buckets()
+    if _row_bytes(q) > _BUCKET128_ROW_BYTES:
+        buckets = tuple(b for b in buckets if b.block <= 64)
+    return buckets
+
+
 def _stages_for(b: WindowBucket, q: torch.Tensor) -> int:
-    """The bucket's pipeline depth for 2-byte inputs; 1 for float32 (the tests' dtype), whose doubled
-    tiles would pass the 228 KB of shared memory at 128 with 2 stages."""
-    return b.stages if q.element_size() <= 2 else 1
+    """The bucket's pipeline depth for tile rows of up to 128 bytes (2-byte heads up to 64); 1 for wider
+    rows (float32, the tests' dtype, or wider heads), whose tiles would pass the shared memory at 128
+    with 2 stages."""
+    return b.stages if _row_bytes(q) <= _PIPELINED_ROW_BYTES else 1
 
 
 def _split_for(b: WindowBucket, q: torch.Tensor) -> bool:
@@ -786,11 +807,12 @@ def _forward(q, k, v, plan: VarlenPlan, scale: float) -> tuple[torch.Tensor, tor
     idx_k = ik if ik is not None else cu_kv
     o = torch.empty(T_q, H, d, dtype=q.dtype, device=dev)
     lse = torch.empty(T_q, H, dtype=torch.float32, device=dev)
-    rt = _routing(plan, dev)
+    buckets = _buckets_for(q)
+    rt = _routing(plan, dev, buckets)
     meta = _meta(q)
     common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **meta)
     if rt.win:
-        for b, seqs, n_seqs, hpp, groups in _win_launches(rt, H, dev):
+        for b, seqs, n_seqs, hpp, groups in _win_launches(rt, H, dev, buckets):
             split = _split_for(b, q)
             _win_fwd_kernel[(n_seqs * (b.block // b.fwd_m if split else 1), groups)](
                 q, k, v, o, lse, idx_q, idx_k, cu_q, cu_kv, seqs, *_strides(q, k, v, o),
@@ -816,11 +838,12 @@ def _backward(q, k, v, o, lse, do, plan: VarlenPlan, scale: float, dq, dk, dv) -
     iq, ik = _index(plan, "q", dev), _index(plan, "kv", dev)
     idx_q = iq if iq is not None else cu_q
     idx_k = ik if ik is not None else cu_kv
-    rt = _routing(plan, dev)
+    buckets = _buckets_for(q)
+    rt = _routing(plan, dev, buckets)
     meta = _meta(q)
     common = dict(GATHER_Q=iq is not None, GATHER_K=ik is not None, **meta)
     if rt.win:
-        for b, seqs, n_seqs, hpp, groups in _win_launches(rt, H, dev):
+        for b, seqs, n_seqs, hpp, groups in _win_launches(rt, H, dev, buckets):
             _win_bwd_kernel[(n_seqs, groups)](
                 q, k, v, o, do, lse, dq, dk, dv, idx_q, idx_k, cu_q, cu_kv, seqs,
                 *_strides(q, k, v, o, do, dq, dk, dv),
