@@ -618,7 +618,7 @@ def test_triton_window_path_gpu(variant, dtype, tol):
                          ids=_dtype_ids)
 def test_triton_window_path_wide_heads_gpu(dtype, tol):
     """Head dims over 64 on the default variant: 80 (the XL flow models; its 128-bucket backward with
-    two pipeline stages asked for more shared memory than an H100 has) and 128 (float32: buckets up to
+    two pipeline stages asked for more shared memory than an H100 or H200 SM has) and 128 (float32: buckets up to
     64 only), self and cross, every bucket boundary."""
     torch.manual_seed(13)
     for d in (80, 128):

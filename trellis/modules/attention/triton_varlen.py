@@ -754,9 +754,9 @@ def _win_launches(rt: _Routing, H: int, dev: torch.device,
 
 # Shared memory of the window kernels grows with a tile row's bytes (element size x BLOCK_D). The
 # buckets are tuned for 2-byte heads of up to 64 (128 bytes). Wider rows (float32; 2-byte heads of
-# 65-128, e.g. the XL flow models' 80, whose 128-bucket backward with 2 stages asked for 288 KB of the
-# H100's 227) run unpipelined; rows over 256 bytes (float32 heads over 64, 2-byte heads over 128) keep
-# only the buckets up to 64 (windows over 64 go to the long path's kernels).
+# 65-128, e.g. the XL flow models' 80, whose 128-bucket backward with 2 stages asked for 288 KB of
+# the 227 KB an H100 or H200 SM has) run unpipelined; rows over 256 bytes (float32 heads over 64,
+# 2-byte heads over 128) keep only the buckets up to 64 (longer windows go to the long path).
 _PIPELINED_ROW_BYTES, _BUCKET128_ROW_BYTES = 128, 256
 
 
