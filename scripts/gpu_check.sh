@@ -12,7 +12,9 @@
 # On a fresh machine (empty Triton and Inductor caches) the whole check is more than one 10-minute
 # device call: run it as two calls,
 #   GPU_CHECK_ONLY="tests" GPU_CHECK_LANES=3 bash scripts/gpu_check.sh   # 1 GPU: about 8.5 min with pytest-xdist
-# (on a GPU under 120 GiB, e.g. an H100, tests_flow then runs after the other two shards: see BIG_STEPS)
+# (on a GPU under 120 GiB, e.g. an H100, tests_flow then runs after the other two shards, see BIG_STEPS,
+# which passes 10 minutes: there run GPU_CHECK_ONLY="tests_attn tests_rest" GPU_CHECK_LANES=2, then
+# GPU_CHECK_ONLY=tests_flow)
 #   GPU_CHECK_ONLY="ss_vae sparse attention train toolkit scaling" bash scripts/gpu_check.sh
 # The benchmarks of the second call run side by side on a 4-GPU machine; even there the training
 # benchmarks did not all finish inside one 10-minute call (session 5): run GPU_CHECK_ONLY=train alone
