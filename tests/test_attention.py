@@ -429,6 +429,38 @@ def test_triton_window_path_interpreter(monkeypatch, heads_per_prog, H, fused, d
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_window_path_wide_rows_interpreter(monkeypatch):
+    """float32 with head dim 80 (rows of 512 bytes) keeps the window buckets up to 64: windows of 65-128
+    go to the long path although a 128 bucket is configured; results match the reference."""
+    if torch.cuda.is_available():
+        pytest.skip("covered by the GPU test")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from trellis.modules.attention import triton_varlen as tv
+
+    buckets = (tv.WindowBucket(16, 16, 1, 16, 1, 2), tv.WindowBucket(64, 16, 1, 16, 1, 2),
+               tv.WindowBucket(128, 32, 1, 32, 1, 2))
+    monkeypatch.setattr(tv, "WINDOW_CONFIG", {"buckets": buckets, "heads": 0, "delta_from_p": True})
+    monkeypatch.setattr(tv, "BLOCK_CONFIG", {"fwd": (16, 16, 4), "bwd_kv": (16, 16, 4), "bwd_q": (16, 16, 4),
+                                             "bwd_fused": (0, 0, 4)})
+    launched = []  # (block, sequences) of every window launch, forward and backward
+    win_launches = tv._win_launches
+
+    def spy(rt, H, dev, buckets):
+        out = win_launches(rt, H, dev, buckets)
+        launched.extend((b.block, seqs.tolist()) for b, seqs, *_ in out)
+        return out
+
+    monkeypatch.setattr(tv, "_win_launches", spy)
+    torch.manual_seed(14)
+    _triton_compare("cpu", torch.float32, 1e-5, [1, 16, 40, 64, 65, 100], None, 2, 80, gather=True)
+    assert launched and all(block <= 64 for block, _ in launched)
+    assert {s for _, seqs in launched for s in seqs} == {0, 1, 2, 3}  # 65 and 100: the long path
+    launched.clear()
+    _triton_compare("cpu", torch.float32, 1e-5, [1, 16, 40, 64, 65, 100], None, 2, 64, gather=True)
+    assert {block for block, _ in launched} == {16, 64, 128}  # 256-byte rows: every bucket
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_packed_gradient_is_one_buffer(monkeypatch):
     """With q, k, v packed in one [T, 3, H, d] tensor the backward stacks nothing; with three views of
     it autograd stacks their gradients (the copy the packed entry point saves)."""
